@@ -1,0 +1,213 @@
+"""The `mt` command line: parses arguments and calls one library function per command.
+
+Exit codes: 0 success, 2 bad input (a one-line message on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from mt import __version__
+from mt.errors import MTError
+
+app = typer.Typer(
+    help="Train, run and score Transformer translation models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Fetch or import parallel corpora into data/.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("mt")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging details."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _report(reports: dict) -> None:
+    for split, report in reports.items():
+        log.info("%s: %d pairs (%d empty dropped)", split, report.pairs, report.dropped_empty)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: str | None = typer.Argument(None, help="Built-in corpus: multi30k."),
+    pair: str = typer.Option("de-en", help="Source-target languages, e.g. de-en."),
+    source: str | None = typer.Option(
+        None,
+        help="Directory or URL mirroring the corpus files (multi30k; default $MT_MULTI30K_SOURCE or the public URL).",
+    ),
+    hf: str | None = typer.Option(None, "--hf", help="A Hugging Face Hub dataset with a `translation` column."),
+    hf_config: str | None = typer.Option(None, "--hf-config", help="The Hub dataset's configuration name."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default data/NAME-SRC-TGT)."),
+    force: bool = typer.Option(False, help="Replace existing files."),
+) -> None:
+    """Download a corpus into plain line-aligned files plus manifest.json.
+
+    Examples: mt data fetch multi30k --pair de-en;  mt data fetch --hf iwslt2017 --hf-config iwslt2017-de-en --pair de-en
+    """
+    from mt import data
+
+    if hf is not None:
+        if name is not None:
+            raise MTError("give either a corpus NAME or --hf, not both")
+        reports = data.fetch_hub(hf, pair, hf_config, out, force)
+    elif name == "multi30k":
+        reports = data.fetch_multi30k(pair, out, source, force)
+    else:
+        raise MTError(f"unknown corpus {name!r}: use multi30k, or --hf NAME for a Hugging Face dataset")
+    _report(reports)
+
+
+@data_app.command("import")
+def data_import(
+    out: Path = typer.Option(..., "--out", "-o", help="Corpus directory to write, e.g. data/mycorpus."),
+    split: str = typer.Option("train", help="Split name: train, valid or test."),
+    src: Path | None = typer.Option(None, help="Source-language file (plain text or .gz), one sentence per line."),
+    tgt: Path | None = typer.Option(None, help="Target-language file, line-aligned with --src."),
+    tsv: Path | None = typer.Option(None, help="Tab-separated file: source<TAB>target per line."),
+    pair: str | None = typer.Option(None, help="Languages, e.g. de-en (default: from the file suffixes)."),
+    errors: str = typer.Option("strict", help="Invalid UTF-8: strict (fail, naming the line) or replace."),
+    force: bool = typer.Option(False, help="Replace existing files."),
+) -> None:
+    """Import local parallel files.
+
+    Example: mt data import --src train.de --tgt train.en --out data/mycorpus --split train
+    """
+    from mt import data
+
+    if errors not in ("strict", "replace"):
+        raise MTError(f"--errors {errors!r}: use strict or replace")
+    _report(data.import_files(out, split, src, tgt, tsv, pair, errors, force))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/multi30k_de_en.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable)."),
+    max_epochs: int | None = typer.Option(None, help="Stop after this many epochs."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many updates."),
+    max_time: str | None = typer.Option(None, help="Stop after this wall-clock time, e.g. 20m, 1h30m."),
+) -> None:
+    """Train a model; the run directory (train.run_dir) gets config, tokenizer, checkpoints, metrics.
+
+    Example: mt train configs/multi30k_de_en.yaml --max-time 20m --set train.lr=5e-4
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mt.config import load_config
+    from mt.train import train as run_training
+
+    overrides = list(set_)
+    for key, value in (("max_epochs", max_epochs), ("max_steps", max_steps), ("max_time", max_time)):
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    cfg = load_config(config, overrides)
+    with logging_redirect_tqdm():
+        run_training(cfg)
+
+
+@app.command()
+def translate(
+    run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
+    beam: int | None = typer.Option(None, help="Beam size (1 = greedy; default from the model's config)."),
+    length_penalty: float | None = typer.Option(None, help="Score = log P / length ** this (default from config)."),
+    nbest: int = typer.Option(1, help="Print the N best hypotheses per line as `index<TAB>score<TAB>text`."),
+    checkpoint: str = typer.Option("best.pt", help="Checkpoint file in the run directory."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Translate stdin to stdout, one output line per input line (blank in, blank out).
+
+    Example: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5
+    """
+    from mt.translate import Translator
+
+    if beam is not None and beam < 1:
+        raise MTError("--beam must be at least 1")
+    translator = Translator(run_dir, checkpoint, device)
+    if not 1 <= nbest <= (beam or translator.config.decode.beam):
+        raise MTError("--nbest must be between 1 and the beam size")
+    lines = (line.rstrip("\r\n") for line in sys.stdin)
+    for index, translations in enumerate(translator.translate(lines, beam, length_penalty, nbest)):
+        if nbest == 1:
+            sys.stdout.write(translations[0].text + "\n")
+        else:
+            for t in translations:
+                sys.stdout.write(f"{index}\t{t.score:.4f}\t{t.text}\n")
+        sys.stdout.flush()
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Path | None = typer.Argument(None, help="Model directory to translate --src with."),
+    src: Path | None = typer.Option(None, help="Source file to translate (with RUN_DIR)."),
+    ref: Path = typer.Option(..., help="Reference translations, line-aligned."),
+    hyp: Path | None = typer.Option(None, help="Hypothesis file to score (instead of RUN_DIR + --src)."),
+    beam: int | None = typer.Option(None, help="Beam size when translating (default from the model's config)."),
+    output: Path | None = typer.Option(None, help="Also write the translations of --src here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+) -> None:
+    """Score translations with sacreBLEU (BLEU, chrF) and print the signatures.
+
+    Examples: mt eval runs/multi30k_de_en --src data/multi30k-de-en/test.de --ref data/multi30k-de-en/test.en;
+    mt eval --hyp hyp.en --ref data/multi30k-de-en/test.en --json
+    """
+    from mt.checkpoint import atomic_write_text
+    from mt.data import read_lines
+    from mt.evaluate import corpus_scores, format_scores
+
+    refs = read_lines(ref)
+    if hyp is not None:
+        if run_dir is not None or src is not None:
+            raise MTError("give either --hyp or RUN_DIR with --src, not both")
+        hyps = read_lines(hyp)
+    elif run_dir is not None and src is not None:
+        from mt.translate import Translator
+
+        translator = Translator(run_dir, device=device)
+        hyps = [t[0].text for t in translator.translate(read_lines(src), beam)]
+        if output is not None:
+            atomic_write_text(output, "".join(h + "\n" for h in hyps))
+    else:
+        raise MTError("give --hyp, or RUN_DIR and --src")
+    scores = corpus_scores(hyps, refs)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in scores.items() if not k.endswith("_text")}, indent=2))
+    else:
+        typer.echo(format_scores(scores))
+
+
+def main() -> None:
+    try:
+        app()
+    except MTError as exc:
+        typer.echo(f"mt: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("mt: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

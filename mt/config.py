@@ -1,0 +1,249 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with `--set section.key=value`.
+
+Unknown keys and values of the wrong type are rejected with the full key name, so a typo in a
+config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mt.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/multi30k-de-en"  # holds {train,valid}.{src,tgt} as written by `mt data`
+    src: str = "de"
+    tgt: str = "en"
+    train: str = "train"
+    valid: str = "valid"
+    max_length: int = 256  # training pairs longer than this (in pieces) on either side are skipped
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = 8000
+    joint: bool = True  # one vocabulary for both languages (enables tied embeddings)
+    character_coverage: float = 1.0
+    max_sentences: int = 2_000_000  # sentences sampled to train SentencePiece
+
+
+@dataclass
+class ModelConfig:
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    d_model: int = 256
+    heads: int = 4
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the feed-forward block; costly on CPU, off as in fairseq
+    norm: Literal["pre", "post"] = "pre"
+    tie_embeddings: bool = True  # share source/target/output embeddings (joint vocabulary only)
+    max_positions: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 1
+    device: str = "auto"
+    max_tokens: int = 4096  # per batch and side, padding included
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    warmup_steps: int = 1000
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    max_time: str | None = None  # wall-clock budget such as "20m", "1h30m", "90s"
+    valid_sentences: int = 500  # greedy BLEU on this many validation sentences (0 = all)
+    log_every: int = 50  # steps between metrics-log lines
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 5
+    length_penalty: float = 1.0  # score = log P(y|x) / len(y) ** length_penalty
+    max_len_a: float = 1.2  # a hypothesis has at most a * len(src) + b pieces
+    max_len_b: int = 10
+    max_tokens: int = 8192  # source pieces per decoding batch, padding included
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(o) for o in options)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {_describe(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        item_types = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. max_time: 3600
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    m, t, d = config.model, config.train, config.decode
+    checks = [
+        (m.d_model % m.heads == 0, "model.d_model must be divisible by model.heads"),
+        (min(m.encoder_layers, m.decoder_layers, m.heads, m.ffn_dim) > 0, "model sizes must be positive"),
+        (
+            all(0 <= p < 1 for p in (m.dropout, m.attention_dropout, m.activation_dropout)),
+            "model dropouts must be in [0, 1)",
+        ),
+        (config.tokenizer.vocab_size >= 8, "tokenizer.vocab_size must be at least 8"),
+        (t.max_tokens > 0, "train.max_tokens must be positive"),
+        (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be positive, train.warmup_steps >= 0"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (d.beam >= 1, "decode.beam must be at least 1"),
+        (d.max_tokens > 0, "decode.max_tokens must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.max_time is not None:
+        parse_duration(t.max_time)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = _build(Config, values or {}, "")
+    _validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=5e-4` -> (["train", "lr"], 0.0005); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "5e-4" as a string; accept it as the number it obviously is
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+        node[keys[-1]] = value
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    values = dataclasses.asdict(config)
+    values["train"]["adam_betas"] = list(values["train"]["adam_betas"])
+    return values
+
+
+def save_config(config: Config, path: Path) -> None:
+    from mt.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'20m' -> 1200.0; accepts h/m/s parts ('1h30m', '90s') or bare seconds ('3600')."""
+    match = _DURATION.match(str(text))
+    if not match or not any(match.groups()):
+        raise ConfigError(f"train.max_time: cannot read duration {text!r} (use e.g. 20m, 1h30m, 90s)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds

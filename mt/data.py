@@ -1,0 +1,286 @@
+"""Corpora: fetch with Hugging Face `datasets` or import local files, validate, and write
+plain line-aligned files `DIR/{split}.{lang}` plus `DIR/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mt.checkpoint import atomic_write_text
+from mt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw"
+MULTI30K_SOURCE_ENV = "MT_MULTI30K_SOURCE"
+MULTI30K_LANGS = ("de", "en", "fr", "cs")
+# our split name -> the file stem in the Multi30k task-1 release
+MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+HF_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+
+
+@dataclass
+class SplitReport:
+    pairs: int
+    dropped_empty: int
+
+
+def parse_pair(pair: str) -> tuple[str, str]:
+    parts = pair.split("-")
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise DataError(f"--pair {pair!r}: expected two different language codes such as de-en")
+    return parts[0], parts[1]
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
+    """All lines of a UTF-8 text file (optionally .gz), newline stripped.
+
+    Invalid UTF-8 raises DataError naming the line unless `errors="replace"`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    lines = []
+    try:
+        with _open_text(path) as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    text = raw.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
+                lines.append(text.rstrip("\r\n"))
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    return lines
+
+
+def read_tsv(path: str | Path, errors: str = "strict") -> tuple[list[str], list[str]]:
+    """Two tab-separated columns per line: source, target."""
+    src, tgt = [], []
+    for number, line in enumerate(read_lines(path, errors), 1):
+        columns = line.split("\t")
+        if len(columns) != 2:
+            raise DataError(f"{path}:{number}: expected 2 tab-separated columns, found {len(columns)}")
+        src.append(columns[0])
+        tgt.append(columns[1])
+    return src, tgt
+
+
+def _clean(line: str) -> str:
+    # an embedded newline would break line alignment of the files we write
+    return " ".join(line.split()) if any(c in line for c in "\r\n\t\x0b\x0c\x85\u2028\u2029") else line.strip()
+
+
+def align(src: list[str], tgt: list[str], src_name: str, tgt_name: str) -> tuple[list[str], list[str], int]:
+    """Check that both sides have the same number of lines; drop pairs with an empty side."""
+    if len(src) != len(tgt):
+        raise DataError(f"{src_name} has {len(src)} lines but {tgt_name} has {len(tgt)}: the files are not aligned")
+    kept_src, kept_tgt = [], []
+    for s, t in zip(src, tgt):
+        s, t = _clean(s), _clean(t)
+        if s and t:
+            kept_src.append(s)
+            kept_tgt.append(t)
+    return kept_src, kept_tgt, len(src) - len(kept_src)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_corpus(
+    out_dir: str | Path,
+    splits: dict[str, tuple[list[str], list[str]]],
+    src_lang: str,
+    tgt_lang: str,
+    source: str,
+    dropped: dict[str, int] | None = None,
+    force: bool = False,
+) -> dict[str, SplitReport]:
+    """Write `{split}.{lang}` files atomically and merge their record into `manifest.json`.
+
+    Existing split files are never overwritten unless `force` is set.
+    """
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    manifest = {"src": src_lang, "tgt": tgt_lang, "splits": {}}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{manifest_path}: unreadable manifest: {exc}") from None
+        if (manifest.get("src"), manifest.get("tgt")) != (src_lang, tgt_lang):
+            raise DataError(
+                f"{out}: holds {manifest.get('src')}-{manifest.get('tgt')}, not {src_lang}-{tgt_lang}; "
+                "choose another --out"
+            )
+    if not force:
+        for split in splits:
+            for lang in (src_lang, tgt_lang):
+                if (out / f"{split}.{lang}").exists():
+                    raise DataError(f"{out / f'{split}.{lang}'} already exists (use --force to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for split, (src, tgt) in splits.items():
+        if not src:
+            raise DataError(f"{source}: split {split!r} has no sentence pairs")
+        record = {"pairs": len(src), "dropped_empty": (dropped or {}).get(split, 0), "sha256": {}}
+        for lang, lines in ((src_lang, src), (tgt_lang, tgt)):
+            path = out / f"{split}.{lang}"
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+            record["sha256"][lang] = _sha256(path)
+        record["source"] = source
+        manifest["splits"][split] = record
+        reports[split] = SplitReport(record["pairs"], record["dropped_empty"])
+        if record["dropped_empty"]:
+            log.warning("%s: dropped %d pairs with an empty side", split, record["dropped_empty"])
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return reports
+
+
+def _load_text_files(files: dict[str, str]) -> dict[str, list[str]]:
+    """Read line files (local paths or URLs, optionally .gz) through `datasets`' text loader."""
+    import datasets
+
+    for split, location in files.items():
+        if "://" not in location and not Path(location).is_file():
+            raise DataError(f"{location}: file not found (split {split})")
+    try:
+        loaded = datasets.load_dataset("text", data_files=files, keep_in_memory=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"cannot download: {exc}".splitlines()[0]) from None
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise DataError(f"cannot load {', '.join(files.values())}: {exc}".splitlines()[0]) from None
+    return {split: list(loaded[split]["text"]) for split in files}
+
+
+def fetch_multi30k(
+    pair: str, out_dir: str | Path | None = None, source: str | None = None, force: bool = False
+) -> dict[str, SplitReport]:
+    """Multi30k task 1 from its public raw files, or from a mirror (directory or URL) with the same names."""
+    src_lang, tgt_lang = parse_pair(pair)
+    for lang in (src_lang, tgt_lang):
+        if lang not in MULTI30K_LANGS:
+            raise DataError(f"multi30k has languages {', '.join(MULTI30K_LANGS)}; not {lang!r}")
+    source = (source or os.environ.get(MULTI30K_SOURCE_ENV) or MULTI30K_URL).rstrip("/")
+    if "://" not in source:
+        if not Path(source).is_dir():
+            raise DataError(f"{source}: Multi30k source directory not found")
+        source = str(Path(source).resolve())
+    out_dir = out_dir or Path("data") / f"multi30k-{src_lang}-{tgt_lang}"
+    texts = {
+        lang: _load_text_files({split: f"{source}/{stem}.{lang}.gz" for split, stem in MULTI30K_SPLITS.items()})
+        for lang in (src_lang, tgt_lang)
+    }
+    splits, dropped = {}, {}
+    for split, stem in MULTI30K_SPLITS.items():
+        src, tgt, dropped[split] = align(
+            texts[src_lang][split],
+            texts[tgt_lang][split],
+            f"{source}/{stem}.{src_lang}.gz",
+            f"{source}/{stem}.{tgt_lang}.gz",
+        )
+        splits[split] = (src, tgt)
+    return write_corpus(out_dir, splits, src_lang, tgt_lang, f"multi30k:{source}", dropped, force)
+
+
+def fetch_hub(
+    name: str, pair: str, config_name: str | None = None, out_dir: str | Path | None = None, force: bool = False
+) -> dict[str, SplitReport]:
+    """Any Hugging Face dataset with a `translation` column of {lang: text} dicts."""
+    import datasets
+
+    src_lang, tgt_lang = parse_pair(pair)
+    try:
+        loaded = datasets.load_dataset(name, config_name)
+    except Exception as exc:  # the Hub raises many unrelated types; all mean "could not load"
+        raise DataError(f"cannot load dataset {name!r} ({config_name}): {exc}".splitlines()[0]) from None
+    out_dir = out_dir or Path("data") / f"{name.split('/')[-1]}-{src_lang}-{tgt_lang}"
+    splits, dropped = {}, {}
+    for hub_split, rows in loaded.items():
+        split = HF_SPLITS.get(hub_split, hub_split)
+        if "translation" not in rows.column_names:
+            raise DataError(f"{name}: split {hub_split!r} has no 'translation' column (columns: {rows.column_names})")
+        pairs = rows["translation"]
+        missing = [lang for lang in (src_lang, tgt_lang) if pairs and lang not in pairs[0]]
+        if missing:
+            raise DataError(f"{name}: no language {missing[0]!r} in its translations (has {sorted(pairs[0])})")
+        src, tgt, dropped[split] = align(
+            [p[src_lang] or "" for p in pairs], [p[tgt_lang] or "" for p in pairs], f"{name}:{hub_split}", ""
+        )
+        splits[split] = (src, tgt)
+    return write_corpus(
+        out_dir, splits, src_lang, tgt_lang, f"hf:{name}" + (f"/{config_name}" if config_name else ""), dropped, force
+    )
+
+
+def import_files(
+    out_dir: str | Path,
+    split: str,
+    src: str | Path | None = None,
+    tgt: str | Path | None = None,
+    tsv: str | Path | None = None,
+    pair: str | None = None,
+    errors: str = "strict",
+    force: bool = False,
+) -> dict[str, SplitReport]:
+    """Import a local parallel corpus: two line-aligned files (plain or .gz) or one TSV file."""
+    if tsv is not None:
+        if src is not None or tgt is not None:
+            raise DataError("give either --tsv or --src/--tgt, not both")
+        if pair is None:
+            raise DataError("--tsv needs --pair (e.g. --pair de-en)")
+        src_lang, tgt_lang = parse_pair(pair)
+        src_lines, tgt_lines = read_tsv(tsv, errors)
+        src_name = tgt_name = str(tsv)
+    else:
+        if src is None or tgt is None:
+            raise DataError("give --src and --tgt (or --tsv)")
+        src, tgt = Path(src), Path(tgt)
+        src_lang, tgt_lang = parse_pair(pair) if pair else (_lang_of(src), _lang_of(tgt))
+        src_lines, tgt_lines = read_lines(src, errors), read_lines(tgt, errors)
+        src_name, tgt_name = str(src), str(tgt)
+    src_lines, tgt_lines, dropped = align(src_lines, tgt_lines, src_name, tgt_name)
+    source = f"import:{src_name}" + (f"+{tgt_name}" if tgt_name != src_name else "")
+    return write_corpus(out_dir, {split: (src_lines, tgt_lines)}, src_lang, tgt_lang, source, {split: dropped}, force)
+
+
+def _lang_of(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    if not suffixes:
+        raise DataError(f"{path}: cannot tell the language from the file name; pass --pair")
+    return suffixes[-1].lstrip(".")
+
+
+def corpus_files(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path]:
+    data_dir = Path(data_dir)
+    paths = (data_dir / f"{split}.{src_lang}", data_dir / f"{split}.{tgt_lang}")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (fetch or import the corpus first: mt data --help)")
+    return paths
+
+
+def load_parallel(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
+    """The aligned sentence pairs of one split written by `write_corpus`."""
+    src_path, tgt_path = corpus_files(data_dir, split, src_lang, tgt_lang)
+    src, tgt, dropped = align(read_lines(src_path), read_lines(tgt_path), str(src_path), str(tgt_path))
+    if dropped:
+        log.warning("%s: skipped %d pairs with an empty side", src_path.parent, dropped)
+    if not src:
+        raise DataError(f"{src_path}: no sentence pairs")
+    return src, tgt

@@ -1,0 +1,17 @@
+"""The few exception types library code raises; `cli.py` turns them into one-line errors."""
+
+
+class MTError(Exception):
+    """Base class: an error caused by the user's input, reported without a traceback."""
+
+
+class ConfigError(MTError):
+    """A config file or override is invalid (the message names the key)."""
+
+
+class DataError(MTError):
+    """A corpus file is missing or malformed (the message names the file and line)."""
+
+
+class CheckpointError(MTError):
+    """A run directory or checkpoint cannot be used (the message says why)."""

@@ -1,0 +1,307 @@
+"""An encoder-decoder Transformer (Vaswani et al., 2017), written out layer by layer.
+
+Shapes: B sentences, S source length, T target length, D = d_model, H heads, Dh = D // H,
+V vocabulary size. Tensors are batch-first.
+
+Mask convention (one for the whole package): boolean, True means "may attend". Sequences are
+padded on the right with PAD, and every sequence holds at least one real token (EOS or BOS), so
+no attention row is ever fully masked and padded queries never produce NaN.
+
+During search the decoder runs one position per step: each layer's self-attention keys/values
+are cached, and the cross-attention keys/values of the encoder output are computed once per
+sentence. Beam hypotheses of one sentence share those: the beam rows are folded into the query
+axis, (B*K, 1, D) -> (B, K, D), so reordering beams never copies encoder keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mt.config import ModelConfig
+from mt.tokenizer import PAD
+
+KeyValue = tuple[Tensor, Tensor]  # each (B, H, L, Dh)
+
+
+def padding_mask(tokens: Tensor) -> Tensor:
+    """(B, L) token ids -> (B, L) bool, True at real tokens."""
+    return tokens != PAD
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
+    """(T, T) bool, True where key position <= query position (no look-ahead)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def decoder_self_mask(tgt: Tensor) -> Tensor:
+    """(B, T) target ids -> (B, 1, T, T): causal and not attending to padding."""
+    return causal_mask(tgt.size(1), tgt.device) & padding_mask(tgt)[:, None, None, :]
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """(length, dim) table: sin on even channels, cos on odd, wavelengths 2pi .. 10000*2pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, L, D) -> (B, H, L, Dh)"""
+    batch, length, dim = x.shape
+    return x.view(batch, length, heads, dim // heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B, H, L, Dh) -> (B, L, D)"""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KeyValue | None = None) -> tuple[Tensor, KeyValue]:
+        """x (B, L, D); mask broadcastable to (B, H, L, L_total); cache holds earlier positions' keys/values.
+
+        Returns the output (B, L, D) and the keys/values of all positions seen so far.
+        """
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(_merge_heads(out)), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder states to the encoder output."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_proj = nn.Linear(dim, 2 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def memory_keys(self, memory: Tensor) -> KeyValue:
+        """Encoder output (B, S, D) -> keys and values, each (B, H, S, Dh); computed once per sentence."""
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def forward(self, x: Tensor, memory_kv: KeyValue, mask: Tensor) -> Tensor:
+        """x (B*K, L, D) for K hypotheses per sentence; memory_kv for B sentences; mask (B, 1, 1, S)."""
+        rows, length, dim = x.shape
+        sentences = memory_kv[0].size(0)
+        # the K hypotheses of a sentence attend to the same keys: treat them as K*L queries
+        q = _split_heads(self.q_proj(x).reshape(sentences, -1, dim), self.heads)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, *memory_kv, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(_merge_heads(out).reshape(rows, length, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class Residual(nn.Module):
+    """Pre-norm: x + dropout(f(norm(x))). Post-norm: norm(x + dropout(f(x)))."""
+
+    def __init__(self, dim: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(dim), nn.Dropout(dropout), pre_norm
+
+    def sublayer_input(self, x: Tensor) -> Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def add(self, x: Tensor, sublayer_output: Tensor) -> Tensor:
+        x = x + self.dropout(sublayer_output)
+        return x if self.pre_norm else self.norm(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.activation_dropout)
+        self.attn_block, self.ffn_block = Residual(c.d_model, c.dropout, pre), Residual(c.d_model, c.dropout, pre)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, S, D), mask (B, 1, 1, S)."""
+        attended, _ = self.self_attn(self.attn_block.sublayer_input(x), mask)
+        x = self.attn_block.add(x, attended)
+        return self.ffn_block.add(x, self.ffn(self.ffn_block.sublayer_input(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout)
+        self.cross_attn = CrossAttention(c.d_model, c.heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.ffn_dim, c.activation_dropout)
+        self.self_block, self.cross_block, self.ffn_block = (Residual(c.d_model, c.dropout, pre) for _ in range(3))
+
+    def forward(
+        self,
+        x: Tensor,
+        self_mask: Tensor | None,
+        memory_kv: KeyValue,
+        memory_mask: Tensor,
+        cache: KeyValue | None = None,
+    ) -> tuple[Tensor, KeyValue]:
+        """x (B*K, T, D); self_mask (B*K, 1, T, T) or None when decoding one cached step."""
+        attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache)
+        x = self.self_block.add(x, attended)
+        x = self.cross_block.add(x, self.cross_attn(self.cross_block.sublayer_input(x), memory_kv, memory_mask))
+        return self.ffn_block.add(x, self.ffn(self.ffn_block.sublayer_input(x))), kv
+
+
+@dataclass
+class DecoderState:
+    """What the decoder needs between search steps; `select` reorders or drops rows.
+
+    memory/src_mask/cross_kv have one row per sentence; self_kv has one row per hypothesis.
+    self_kv is None on the uncached reference path, which reruns the decoder on the whole prefix.
+    """
+
+    memory: Tensor  # (B, S, D)
+    memory_mask: Tensor  # (B, 1, 1, S)
+    cross_kv: list[KeyValue]  # per layer
+    self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
+
+    def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:
+        """Keep hypothesis rows `rows` (and sentences `sentences`, when some sentences are dropped)."""
+        state = self
+        if sentences is not None:
+            state = replace(
+                state,
+                memory=state.memory.index_select(0, sentences),
+                memory_mask=state.memory_mask.index_select(0, sentences),
+                cross_kv=[(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in state.cross_kv],
+            )
+        if state.self_kv is not None:
+            state = replace(
+                state,
+                self_kv=[
+                    None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+                    for kv in state.self_kv
+                ],
+            )
+        return state
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool):
+        super().__init__()
+        self.config, self.dim = config, config.d_model
+        self.src_embed = nn.Embedding(src_vocab, config.d_model, padding_idx=PAD)
+        share = config.tie_embeddings and shared_vocab
+        self.tgt_embed = self.src_embed if share else nn.Embedding(tgt_vocab, config.d_model, padding_idx=PAD)
+        self.output_proj = None if config.tie_embeddings else nn.Linear(config.d_model, tgt_vocab, bias=False)
+        self.register_buffer("positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        # pre-norm stacks end un-normalised; post-norm layers already end with a norm
+        final_norm = (lambda: nn.LayerNorm(config.d_model)) if config.norm == "pre" else nn.Identity
+        self.encoder_norm, self.decoder_norm = final_norm(), final_norm()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.dim**-0.5)
+                with torch.no_grad():
+                    module.weight[PAD].zero_()
+
+    def _embed(self, tokens: Tensor, table: nn.Embedding, offset: int = 0) -> Tensor:
+        """(B, L) ids -> (B, L, D): scaled embedding plus the positions offset..offset+L-1."""
+        length = tokens.size(1)
+        if offset + length > self.positions.size(0):
+            raise ValueError(
+                f"sequence of {offset + length} positions exceeds model.max_positions={self.positions.size(0)}"
+            )
+        x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + length]
+        return self.embed_dropout(x)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) ids -> memory (B, S, D) and its mask (B, 1, 1, S)."""
+        mask = padding_mask(src)[:, None, None, :]
+        x = self._embed(src, self.src_embed)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        """Whole-sequence decoder: tgt_in (B*K, T) ids (BOS first) -> hidden states (B*K, T, D)."""
+        self_mask = decoder_self_mask(tgt_in)
+        x = self._embed(tgt_in, self.tgt_embed)
+        for layer in self.decoder:
+            x, _ = layer(x, self_mask, layer.cross_attn.memory_keys(memory), memory_mask)
+        return self.decoder_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., D) -> (..., V)"""
+        weight = self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder hidden states (B, T, D).
+
+        Call `logits` on the states you need (e.g. only non-padding positions, to save work).
+        """
+        memory, memory_mask = self.encode(src)
+        return self.decode(tgt_in, memory, memory_mask)
+
+    def start_decoding(self, memory: Tensor, memory_mask: Tensor, use_cache: bool = True) -> DecoderState:
+        cross_kv = [layer.cross_attn.memory_keys(memory) for layer in self.decoder] if use_cache else []
+        self_kv = [None for _ in self.decoder] if use_cache else None
+        return DecoderState(memory, memory_mask, cross_kv, self_kv)
+
+    def step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """Next-token logits: prefix (B*K, t) holds every token so far (BOS first) -> (B*K, V).
+
+        With a cache only the last token is run through the decoder; without one (the reference
+        path) the whole prefix is.
+        """
+        if state.self_kv is None:
+            return self.logits(self.decode(prefix, state.memory, state.memory_mask)[:, -1]), state
+        x = self._embed(prefix[:, -1:], self.tgt_embed, offset=prefix.size(1) - 1)
+        new_kv = []
+        for layer, cache, memory_kv in zip(self.decoder, state.self_kv, state.cross_kv):
+            x, kv = layer(x, None, memory_kv, state.memory_mask, cache)
+            new_kv.append(kv)
+        return self.logits(self.decoder_norm(x)[:, 0]), replace(state, self_kv=new_kv)
+
+
+def build_model(config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool) -> Transformer:
+    return Transformer(config, src_vocab, tgt_vocab, shared_vocab)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

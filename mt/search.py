@@ -1,0 +1,162 @@
+"""Greedy and batched beam search over `Transformer.step`.
+
+Scores: a hypothesis y of a source x scores  log P(y | x) / len(y) ** length_penalty,  where
+len(y) counts the generated pieces including the final EOS. length_penalty 0 ranks by raw
+log-probability; 1 (the default) by average log-probability per piece.
+
+A hypothesis has at most  max_len_a * len(x) + max_len_b  pieces (len(x) without EOS); at that
+length EOS is forced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mt.model import Transformer
+from mt.tokenizer import BOS, EOS, PAD
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated pieces, without BOS and EOS
+    score: float  # log-probability / length ** length_penalty
+    log_prob: float
+
+
+def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
+    """(B,) the most pieces (EOS included) each sentence's hypotheses may have."""
+    src_len = (src != PAD).sum(dim=1) - 1
+    return (a * src_len.float() + b).long().clamp(1, limit - 1)
+
+
+def _next_log_probs(model: Transformer, prefix: Tensor, state):
+    logits, state = model.step(prefix, state)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
+    return log_probs, state
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Transformer,
+    src: Tensor,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    length_penalty: float = 1.0,
+    use_cache: bool = True,
+) -> list[Hypothesis]:
+    """The most probable next piece at every step; src (B, S) -> one hypothesis per sentence.
+
+    Finished sentences leave the batch, so later steps only compute the ones still running.
+    """
+    memory, memory_mask = model.encode(src)
+    state = model.start_decoding(memory, memory_mask, use_cache)
+    limit = max_lengths(src, max_len_a, max_len_b, model.positions.size(0))
+    prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
+    log_prob = torch.zeros(src.size(0), device=src.device)
+    active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
+    results: list[Hypothesis | None] = [None] * src.size(0)
+    for length in range(1, int(limit.max()) + 1):
+        log_probs, state = _next_log_probs(model, prefix, state)
+        token = log_probs.argmax(dim=-1)
+        token = torch.where(length >= limit, EOS, token)
+        log_prob = log_prob + log_probs.gather(1, token[:, None]).squeeze(1)
+        prefix = torch.cat([prefix, token[:, None]], dim=1)
+        done = token == EOS
+        if not done.any():
+            continue
+        for row in done.nonzero().squeeze(1).tolist():
+            score = log_prob[row].item()
+            results[active[row]] = Hypothesis(prefix[row, 1:-1].tolist(), score / length**length_penalty, score)
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        active, prefix, log_prob, limit = active[keep], prefix[keep], log_prob[keep], limit[keep]
+        state = state.select(keep, keep)
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    beam: int = 5,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    nbest: int = 1,
+    use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Beam search for a whole batch at once; src (B, S) -> per sentence its `nbest` best hypotheses.
+
+    Each step extends the K open hypotheses of every sentence, keeps the 2K best candidates,
+    moves those ending in EOS (among the top K) to the sentence's finished list and continues
+    with the K best others. A sentence stops when it has K finished hypotheses and no open one
+    can still beat the K-th (its score can only fall, so its best possible normalised score is
+    bounded), or at its maximum length.
+    """
+    k = beam
+    batch = src.size(0)
+    device = src.device
+    memory, memory_mask = model.encode(src)
+    state = model.start_decoding(memory, memory_mask, use_cache)
+    limit = max_lengths(src, max_len_a, max_len_b, model.positions.size(0))
+    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
+    prefix = torch.full((batch * k, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), -torch.inf, device=device)  # log-probs of the open hypotheses
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    active = torch.arange(batch, device=device)  # original sentence index of each active sentence
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    kth_finished = torch.full((batch,), -torch.inf, device=device)  # K-th best finished score
+    beam_offsets = torch.arange(k, device=device)
+
+    for length in range(1, int(limit.max()) + 1):
+        n = active.numel()
+        log_probs, state = _next_log_probs(model, prefix, state)
+        vocab = log_probs.size(-1)
+        log_probs = log_probs.view(n, k, vocab)
+        at_limit = length >= limit
+        if at_limit.any():
+            eos = log_probs[at_limit, :, EOS]
+            log_probs[at_limit] = -torch.inf
+            log_probs[at_limit, :, EOS] = eos
+        candidates = (scores[:, :, None] + log_probs).view(n, k * vocab)
+        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2K)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        is_eos = top_token == EOS
+
+        ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
+        if ends.any():
+            penalty = length**length_penalty
+            for i, j in ends.nonzero().tolist():
+                row = i * k + top_beam[i, j].item()
+                raw = top_scores[i, j].item()
+                sentence = finished[active[i]]
+                sentence.append(Hypothesis(prefix[row, 1:].tolist(), raw / penalty, raw))
+                if len(sentence) >= k:
+                    kth_finished[i] = sorted((h.score for h in sentence), reverse=True)[k - 1]
+
+        open_scores, pick = top_scores.masked_fill(is_eos, -torch.inf).topk(k, dim=1)  # (n, K)
+        rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+        prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
+        scores = open_scores
+        state = state.select(rows)
+
+        # the best an open hypothesis can still reach: its log-prob can only fall, so its
+        # normalised score peaks at the shortest (penalty < 0) or longest (penalty > 0) length
+        best_open = scores[:, 0]
+        bound = torch.maximum(best_open / (length + 1) ** length_penalty, best_open / limit.float().pow(length_penalty))
+        done = at_limit | (kth_finished >= bound) | ~torch.isfinite(best_open)
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            keep_rows = (keep[:, None] * k + beam_offsets).view(-1)
+            active, scores, limit, kth_finished = active[keep], scores[keep], limit[keep], kth_finished[keep]
+            prefix = prefix[keep_rows]
+            state = state.select(keep_rows, keep)
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

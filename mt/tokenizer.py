@@ -1,0 +1,130 @@
+"""SentencePiece tokenization with fixed special ids, stored in the run directory.
+
+Special ids are the same in every model `mt` trains: PAD=0, UNK=1, BOS=2, EOS=3.
+A joint vocabulary lives in `spm.model`; separate ones in `spm.src.model` and `spm.tgt.model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import sentencepiece as spm
+
+from mt.checkpoint import atomic_write
+from mt.config import TokenizerConfig
+from mt.errors import CheckpointError
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
+
+log = logging.getLogger(__name__)
+
+
+def train_sentencepiece(sentences: list[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type=config.type,
+        vocab_size=config.vocab_size,
+        character_coverage=config.character_coverage,
+        input_sentence_size=config.max_sentences,
+        shuffle_input_sentence=True,
+        # small corpora cannot fill a large vocabulary; take what they have rather than fail
+        hard_vocab_limit=False,
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    atomic_write(path, lambda handle: handle.write(model.getvalue()))
+
+
+class Tokenizer:
+    """Source and target SentencePiece models (the same one when the vocabulary is joint)."""
+
+    def __init__(self, src_path: Path, tgt_path: Path):
+        self.src_path, self.tgt_path = Path(src_path), Path(tgt_path)
+        self.src = self._load(self.src_path)
+        self.tgt = self.src if self.tgt_path == self.src_path else self._load(self.tgt_path)
+
+    @staticmethod
+    def _load(path: Path) -> spm.SentencePieceProcessor:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: SentencePiece model not found")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.load(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: not a SentencePiece model ({exc})") from None
+        specials = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+        if specials != (PAD, UNK, BOS, EOS):
+            raise CheckpointError(
+                f"{path}: special ids {specials} differ from mt's (pad, unk, bos, eos) = (0, 1, 2, 3)"
+            )
+        return processor
+
+    @property
+    def joint(self) -> bool:
+        return self.src is self.tgt
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt.get_piece_size()
+
+    def fingerprint(self) -> str:
+        """Hash of the model file(s), stored in checkpoints to catch a swapped tokenizer."""
+        digest = hashlib.sha256(self.src_path.read_bytes())
+        if not self.joint:
+            digest.update(self.tgt_path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def encode_src(self, lines: list[str], threads: int = 2) -> list[list[int]]:
+        return self.src.encode(lines, num_threads=threads)
+
+    def encode_tgt(self, lines: list[str], threads: int = 2) -> list[list[int]]:
+        return self.tgt.encode(lines, num_threads=threads)
+
+    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
+        return self.tgt.decode(ids)
+
+    def src_pieces(self, line: str) -> list[str]:
+        return self.src.encode(line, out_type=str)
+
+
+def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
+    if joint:
+        return run_dir / JOINT_FILE, run_dir / JOINT_FILE
+    return run_dir / SRC_FILE, run_dir / TGT_FILE
+
+
+def load_tokenizer(run_dir: Path, joint: bool) -> Tokenizer:
+    return Tokenizer(*tokenizer_files(Path(run_dir), joint))
+
+
+def prepare_tokenizer(run_dir: Path, config: TokenizerConfig, src: list[str], tgt: list[str]) -> Tokenizer:
+    """Load the run directory's tokenizer, training it on the training corpus first if it has none."""
+    src_path, tgt_path = tokenizer_files(Path(run_dir), config.joint)
+    if config.joint and not src_path.is_file():
+        log.info(
+            "training joint SentencePiece %s model (%d pieces) on %d sentences",
+            config.type,
+            config.vocab_size,
+            len(src) + len(tgt),
+        )
+        train_sentencepiece(src + tgt, src_path, config)
+    elif not config.joint:
+        for path, lines in ((src_path, src), (tgt_path, tgt)):
+            if not path.is_file():
+                log.info("training SentencePiece %s model %s on %d sentences", config.type, path.name, len(lines))
+                train_sentencepiece(lines, path, config)
+    return Tokenizer(src_path, tgt_path)

@@ -1,0 +1,135 @@
+"""Load a run directory once and translate lines in order: sort by length, batch, search, detokenize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from mt.batching import make_batches, pad
+from mt.checkpoint import load_checkpoint
+from mt.config import Config, load_config
+from mt.device import autocast, pick_device
+from mt.errors import CheckpointError
+from mt.model import Transformer, build_model
+from mt.search import Hypothesis, beam_search, greedy_search
+from mt.tokenizer import EOS, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BEST = "best.pt"
+
+
+@dataclass
+class Translation:
+    text: str
+    score: float
+
+
+def decode_batches(
+    sources: list[list[int]],
+    search: Callable[[torch.Tensor], list[list[Hypothesis]]],
+    max_tokens: int,
+    device: torch.device,
+) -> list[list[Hypothesis]]:
+    """Run `search` over batches of similar-length sources (ids without EOS); results in input order."""
+    lengths = [len(s) + 1 for s in sources]
+    results: list[list[Hypothesis]] = [[] for _ in sources]
+    for batch in make_batches(lengths, lengths, max_tokens):
+        src = pad([sources[i] for i in batch], suffix=[EOS]).to(device)
+        with autocast(device):
+            for index, hyps in zip(batch, search(src)):
+                results[index] = hyps
+    return results
+
+
+def load_model(
+    run_dir: Path, config: Config, tokenizer: Tokenizer, device: torch.device, checkpoint: str = BEST
+) -> Transformer:
+    """Rebuild a run directory's model from its config and checkpoint, checking it fits the tokenizer."""
+    path = Path(run_dir) / checkpoint
+    state = load_checkpoint(path, device)
+    vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
+    if state.get("vocab") != vocab or state.get("tokenizer") != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{path}: trained with vocabulary sizes {state.get('vocab')} and another SentencePiece model "
+            f"than {run_dir}'s (sizes {vocab}); were run directories mixed up?"
+        )
+    model = build_model(config.model, *vocab, tokenizer.joint).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in config.yaml ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
+class Translator:
+    """A model directory loaded for translation."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = BEST, device: str = "auto"):
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir}: not a model directory (no config.yaml); train one with `mt train`")
+        self.config = load_config(run_dir / "config.yaml")
+        self.tokenizer = load_tokenizer(run_dir, self.config.tokenizer.joint)
+        self.device = pick_device(device)
+        self.model = load_model(run_dir, self.config, self.tokenizer, self.device, checkpoint)
+        self.max_source = self.model.positions.size(0) - 1
+
+    def _search(self, beam: int, length_penalty: float, nbest: int, use_cache: bool):
+        d = self.config.decode
+        if beam == 1:
+            return lambda src: [
+                [h] for h in greedy_search(self.model, src, d.max_len_a, d.max_len_b, length_penalty, use_cache)
+            ]
+        return lambda src: beam_search(
+            self.model, src, beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache
+        )
+
+    def translate_ids(
+        self,
+        sources: list[list[int]],
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        nbest: int = 1,
+        use_cache: bool = True,
+    ) -> list[list[Hypothesis]]:
+        """Source piece ids (no EOS) -> the `nbest` best hypotheses of each, in input order."""
+        d = self.config.decode
+        beam = d.beam if beam is None else beam
+        length_penalty = d.length_penalty if length_penalty is None else length_penalty
+        search = self._search(beam, length_penalty, nbest, use_cache)
+        # decode.max_tokens bounds decoder rows: source pieces times beam size
+        return decode_batches(sources, search, max(1, d.max_tokens // beam), self.device)
+
+    def translate(
+        self,
+        lines: Iterable[str],
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        nbest: int = 1,
+        chunk_lines: int = 2000,
+    ) -> Iterator[list[Translation]]:
+        """For each input line, its `nbest` translations (best first); blank lines give one blank."""
+        lines = iter(lines)
+        while chunk := list(islice(lines, chunk_lines)):
+            yield from self._translate_chunk(chunk, beam, length_penalty, nbest)
+
+    def _translate_chunk(self, chunk: list[str], beam, length_penalty, nbest) -> list[list[Translation]]:
+        wanted = [i for i, line in enumerate(chunk) if line.strip()]
+        sources = self.tokenizer.encode_src([chunk[i].strip() for i in wanted])
+        for i, ids in enumerate(sources):
+            if len(ids) > self.max_source:
+                log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), self.max_source)
+                sources[i] = ids[: self.max_source]
+        results: list[list[Translation]] = [[Translation("", 0.0)] for _ in chunk]
+        for i, hyps in zip(wanted, self.translate_ids(sources, beam, length_penalty, nbest)):
+            texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+            results[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
+        return results
