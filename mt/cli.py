@@ -142,15 +142,15 @@ def translate(
 
     Example: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5
     """
-    from mt.translate import Translator
+    from mt.translate import Translator, read_chunks
 
     if beam is not None and beam < 1:
         raise MTError("--beam must be at least 1")
     translator = Translator(run_dir, checkpoint, device)
     if not 1 <= nbest <= (beam or translator.config.decode.beam):
         raise MTError("--nbest must be between 1 and the beam size")
-    lines = (line.rstrip("\r\n") for line in sys.stdin)
-    for index, translations in enumerate(translator.translate(lines, beam, length_penalty, nbest)):
+    chunks = read_chunks(sys.stdin.fileno())
+    for index, translations in enumerate(translator.translate_chunks(chunks, beam, length_penalty, nbest)):
         if nbest == 1:
             sys.stdout.write(translations[0].text + "\n")
         else:

@@ -133,3 +133,35 @@ class Translator:
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
         return results
+
+
+def read_chunks(fd: int, max_lines: int = 2000, block: int = 1 << 16) -> Iterator[list[str]]:
+    """Lines from file descriptor `fd`, in chunks of at most `max_lines`.
+
+    A chunk also ends whenever no more input is immediately available, so someone typing gets
+    each translation as soon as the line is entered, while piped files are decoded in big,
+    well-sorted chunks. Memory stays bounded by the chunk size. Bytes that are not UTF-8 are
+    replaced rather than failing, so every input line still gets its output line.
+    """
+    pending, lines, eof = b"", [], False
+    while not eof:
+        data = os.read(fd, block)
+        eof = not data
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        lines.extend(line.rstrip(b"\r").decode("utf-8", errors="replace") for line in complete)
+        if eof and pending:
+            lines.append(pending.rstrip(b"\r").decode("utf-8", errors="replace"))
+        while len(lines) >= max_lines:
+            yield lines[:max_lines]
+            lines = lines[max_lines:]
+        if lines and (eof or not _readable_now(fd)):
+            yield lines
+            lines = []
+
+
+def _readable_now(fd: int) -> bool:
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):  # select does not work on this kind of file (e.g. Windows pipes)
+        return True

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Decoding speed of a trained model: greedy and beam search, cached and uncached.
+
+    python scripts/bench_decode.py RUN_DIR SRC_FILE [--ref REF_FILE] [--beam 5] [--device auto]
+
+Prints, per mode, sentences/s and target pieces/s (decoding time with the model loaded:
+search plus detokenization), the peak resident memory so far, BLEU when --ref is given, and
+the speed-up of the cached decoder over the uncached reference path. Cached modes run first,
+so their peak-memory figures are not inflated by the uncached ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mt.data import read_lines  # noqa: E402
+from mt.evaluate import corpus_scores  # noqa: E402
+from mt.translate import Translator  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(translator: Translator, sources: list[list[int]], beam: int, use_cache: bool) -> tuple[dict, list[str]]:
+    if translator.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    hyps = translator.translate_ids(sources, beam=beam, use_cache=use_cache)
+    texts = translator.tokenizer.decode_tgt([h[0].tokens for h in hyps])
+    if translator.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    pieces = sum(len(h[0].tokens) + 1 for h in hyps)  # + EOS
+    return {"seconds": seconds, "sent_per_s": len(sources) / seconds, "tok_per_s": pieces / seconds}, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("src", type=Path)
+    parser.add_argument("--ref", type=Path, help="references, to show BLEU per mode")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    translator = Translator(args.run_dir, device=args.device)
+    lines = [line.strip() for line in read_lines(args.src)]
+    sources = translator.tokenizer.encode_src(lines)
+    refs = read_lines(args.ref) if args.ref else None
+    print(f"{len(sources)} sentences from {args.src}; device {translator.device}, {torch.get_num_threads()} threads")
+    print(f"{'mode':<16}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
+    results = {}
+    modes = [("greedy", 1, True), (f"beam{args.beam}", args.beam, True)]
+    if not args.no_uncached:
+        modes += [("greedy", 1, False), (f"beam{args.beam}", args.beam, False)]
+    measure(translator, sources[:16], 1, True)  # warm-up: allocator, kernels
+    for name, beam, cached in modes:
+        label = f"{name} {'cached' if cached else 'uncached'}"
+        stats, texts = measure(translator, sources, beam, cached)
+        results[(name, cached)] = (stats, texts)
+        bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
+        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+    if translator.device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+    if not args.no_uncached:
+        for name, _, _ in modes[:2]:
+            (fast, fast_texts), (slow, slow_texts) = results[(name, True)], results[(name, False)]
+            same = "identical" if fast_texts == slow_texts else "DIFFERENT"
+            print(f"{name}: cached / uncached = {fast['sent_per_s'] / slow['sent_per_s']:.2f}x, outputs {same}")
+
+
+if __name__ == "__main__":
+    main()

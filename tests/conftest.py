@@ -1,0 +1,52 @@
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mt.config import ModelConfig
+from mt.model import build_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test gets its own datasets cache and a fixed seed."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+def tiny_model(vocab: int = 40, norm: str = "pre", dropout: float = 0.0, tie: bool = True):
+    config = ModelConfig(
+        encoder_layers=2,
+        decoder_layers=2,
+        d_model=32,
+        heads=4,
+        ffn_dim=64,
+        dropout=dropout,
+        norm=norm,
+        tie_embeddings=tie,
+        max_positions=128,
+    )
+    return build_model(config, vocab, vocab, shared_vocab=True)
+
+
+def run_mt(*args: str, stdin: str | None = None, cwd: Path | None = None, check: bool = True):
+    """Run the real `mt` command line in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mt {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result

@@ -1,0 +1,102 @@
+import gzip
+import json
+
+import pytest
+
+from mt import data
+from mt.errors import DataError
+
+
+def _gz(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+
+
+def _mirror(tmp_path, train_extra=()):
+    """A tiny Multi30k mirror with the real file names."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for stem, n in (("train", 6), ("val", 3), ("test_2016_flickr", 2)):
+        _gz(
+            mirror / f"{stem}.de.gz", [f"ein satz {i}" for i in range(n)] + list(train_extra if stem == "train" else [])
+        )
+        _gz(
+            mirror / f"{stem}.en.gz",
+            [f"a sentence {i}" for i in range(n)] + ([""] * len(train_extra) if stem == "train" else []),
+        )
+    return mirror
+
+
+def test_fetch_multi30k_through_datasets_from_a_local_mirror(tmp_path):
+    out = tmp_path / "out"
+    reports = data.fetch_multi30k("de-en", out, source=str(_mirror(tmp_path, train_extra=["nur deutsch"])))
+    assert {s: r.pairs for s, r in reports.items()} == {"train": 6, "valid": 3, "test": 2}
+    assert reports["train"].dropped_empty == 1
+    assert (out / "train.de").read_text().splitlines()[2] == "ein satz 2"
+    assert (out / "valid.en").read_text().splitlines() == ["a sentence 0", "a sentence 1", "a sentence 2"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["dropped_empty"] == 1
+    assert len(manifest["splits"]["test"]["sha256"]["en"]) == 64
+
+
+def test_fetch_multi30k_reads_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MT_MULTI30K_SOURCE", str(_mirror(tmp_path)))
+    reports = data.fetch_multi30k("en-de", tmp_path / "out")
+    assert reports["train"].pairs == 6
+    assert (tmp_path / "out" / "train.en").is_file()
+
+
+def test_fetch_refuses_to_overwrite(tmp_path):
+    mirror, out = str(_mirror(tmp_path)), tmp_path / "out"
+    data.fetch_multi30k("de-en", out, source=mirror)
+    with pytest.raises(DataError, match="already exists"):
+        data.fetch_multi30k("de-en", out, source=mirror)
+    data.fetch_multi30k("de-en", out, source=mirror, force=True)
+
+
+def test_fetch_names_a_missing_file(tmp_path):
+    mirror = _mirror(tmp_path)
+    (mirror / "val.en.gz").unlink()
+    with pytest.raises(DataError, match="val.en.gz: file not found"):
+        data.fetch_multi30k("de-en", tmp_path / "out", source=str(mirror))
+
+
+def test_fetch_rejects_unknown_language(tmp_path):
+    with pytest.raises(DataError, match="not 'xx'"):
+        data.fetch_multi30k("de-xx", tmp_path / "out", source=str(_mirror(tmp_path)))
+
+
+def test_import_plain_and_gz_files(tmp_path):
+    (tmp_path / "a.de").write_text("hallo\nwelt\n\n")
+    _gz(tmp_path / "a.en.gz", ["hello", "world", "orphan"])
+    reports = data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "a.en.gz")
+    assert reports["train"].pairs == 2 and reports["train"].dropped_empty == 1
+    assert (tmp_path / "c" / "train.en").read_text() == "hello\nworld\n"
+
+
+def test_import_tsv(tmp_path):
+    (tmp_path / "c.tsv").write_text("hallo\thello\nwelt\tworld\n")
+    data.import_files(tmp_path / "c", "valid", tsv=tmp_path / "c.tsv", pair="de-en")
+    assert (tmp_path / "c" / "valid.de").read_text() == "hallo\nwelt\n"
+
+
+def test_import_errors_name_file_and_line(tmp_path):
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    (tmp_path / "a.en").write_text("one\n")
+    with pytest.raises(DataError, match="a.de has 2 lines but .*a.en has 1"):
+        data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "a.en")
+    (tmp_path / "b.en").write_bytes(b"one\ntw\xffo\n")
+    with pytest.raises(DataError, match=r"b.en:2: invalid UTF-8"):
+        data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "b.en")
+    (tmp_path / "c.tsv").write_text("a\tb\nno tab here\n")
+    with pytest.raises(DataError, match=r"c.tsv:2: expected 2 tab-separated columns"):
+        data.import_files(tmp_path / "c", "train", tsv=tmp_path / "c.tsv", pair="de-en")
+    with pytest.raises(DataError, match="missing.de: file not found"):
+        data.import_files(tmp_path / "c", "train", src=tmp_path / "missing.de", tgt=tmp_path / "a.en")
+
+
+def test_invalid_utf8_can_be_replaced(tmp_path):
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    (tmp_path / "b.en").write_bytes(b"one\ntw\xffo\n")
+    data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "b.en", errors="replace")
+    assert (tmp_path / "c" / "train.en").read_text().splitlines()[1] == "tw\ufffdo"

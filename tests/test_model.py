@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+from mt.model import (
+    CrossAttention,
+    SelfAttention,
+    causal_mask,
+    decoder_self_mask,
+    padding_mask,
+    sinusoidal_positions,
+)
+from mt.tokenizer import BOS, EOS, PAD
+
+
+def test_padding_and_causal_masks():
+    tokens = torch.tensor([[5, 6, EOS, PAD], [7, EOS, PAD, PAD]])
+    assert padding_mask(tokens).tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert causal_mask(3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    mask = decoder_self_mask(torch.tensor([[BOS, 5, PAD], [BOS, 6, 7]]))
+    assert mask.shape == (2, 1, 3, 3)
+    # query 2 of sentence 0 may see BOS and 5 but not its own padded position
+    assert mask[0, 0, 2].tolist() == [True, True, False]
+    assert mask[1, 0, 2].tolist() == [True, True, True]
+    assert mask[1, 0, 0].tolist() == [True, False, False]
+
+
+def test_sinusoidal_positions():
+    table = sinusoidal_positions(50, 8)
+    assert table.shape == (50, 8)
+    assert torch.allclose(table[0], torch.tensor([0.0, 1.0] * 4))
+    assert math.isclose(table[3, 0].item(), math.sin(3), rel_tol=1e-6)
+    assert math.isclose(table[3, 3].item(), math.cos(3 / 10000 ** (2 / 8)), rel_tol=1e-6)
+
+
+def _reference_attention(dim, heads, q_weight, k_weight, v_weight, biases, out):
+    reference = nn.MultiheadAttention(dim, heads, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([q_weight, k_weight, v_weight]))
+        reference.in_proj_bias.copy_(biases)
+        reference.out_proj.weight.copy_(out.weight)
+        reference.out_proj.bias.copy_(out.bias)
+    return reference.eval()
+
+
+def test_self_attention_matches_torch_multihead_attention():
+    dim, heads = 32, 4
+    ours = SelfAttention(dim, heads, dropout=0.0).eval()
+    nn.init.normal_(ours.qkv_proj.bias)
+    q_w, k_w, v_w = ours.qkv_proj.weight.chunk(3)
+    reference = _reference_attention(dim, heads, q_w, k_w, v_w, ours.qkv_proj.bias, ours.out_proj)
+    x = torch.randn(3, 7, dim)
+    tokens = torch.tensor([[BOS, 4, 5, 6, 7, 8, 9], [BOS, 4, 5, PAD, PAD, PAD, PAD], [BOS, 4, 5, 6, 7, PAD, PAD]])
+    ours_out, _ = ours(x, decoder_self_mask(tokens))
+    # torch's masks say True = "blocked": the opposite of ours
+    ref_out, _ = reference(x, x, x, attn_mask=~causal_mask(7), key_padding_mask=~padding_mask(tokens))
+    real = padding_mask(tokens)
+    assert torch.allclose(ours_out[real], ref_out[real], atol=1e-5)
+
+
+def test_cross_attention_matches_torch_multihead_attention():
+    dim, heads = 32, 4
+    ours = CrossAttention(dim, heads, dropout=0.0).eval()
+    nn.init.normal_(ours.q_proj.bias)
+    nn.init.normal_(ours.kv_proj.bias)
+    k_w, v_w = ours.kv_proj.weight.chunk(2)
+    biases = torch.cat([ours.q_proj.bias, ours.kv_proj.bias])
+    reference = _reference_attention(dim, heads, ours.q_proj.weight, k_w, v_w, biases, ours.out_proj)
+    x, memory = torch.randn(2, 5, dim), torch.randn(2, 6, dim)
+    src = torch.tensor([[4, 5, 6, EOS, PAD, PAD], [4, 5, 6, 7, 8, EOS]])
+    mask = padding_mask(src)[:, None, None, :]
+    ours_out = ours(x, ours.memory_keys(memory), mask)
+    ref_out, _ = reference(x, memory, memory, key_padding_mask=~padding_mask(src))
+    assert torch.allclose(ours_out, ref_out, atol=1e-5)
+
+
+def test_cross_attention_groups_hypotheses_of_a_sentence():
+    """K hypotheses per sentence attending to one copy of the memory equal K copies of it."""
+    attention = CrossAttention(32, 4, dropout=0.0).eval()
+    memory, x = torch.randn(2, 6, 32), torch.randn(6, 1, 32)  # 2 sentences x 3 hypotheses
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    grouped = attention(x, attention.memory_keys(memory), mask)
+    expanded = memory.repeat_interleave(3, dim=0)
+    copies = attention(x, attention.memory_keys(expanded), mask.repeat_interleave(3, dim=0))
+    assert torch.allclose(grouped, copies, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_padding_does_not_change_encoder_output(norm):
+    model = tiny_model(norm=norm).eval()
+    short = torch.tensor([[5, 6, 7, EOS]])
+    padded = torch.tensor([[5, 6, 7, EOS, PAD, PAD, PAD], [8, 9, 10, 11, 12, 13, EOS]])
+    alone, _ = model.encode(short)
+    together, _ = model.encode(padded)
+    assert torch.allclose(alone[0], together[0, :4], atol=1e-5)
+    assert not torch.isnan(together).any()
+
+
+def test_padding_does_not_change_decoder_output_and_never_gives_nan():
+    model = tiny_model().eval()
+    src = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, EOS]])
+    tgt = torch.tensor([[BOS, 11, 12, PAD, PAD], [BOS, 13, 14, 15, 16]])
+    hidden = model(src, tgt)
+    alone = model(src[:1, :3], tgt[:1, :3])
+    assert torch.allclose(hidden[0, :3], alone[0], atol=1e-5)
+    assert not torch.isnan(hidden).any()
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = tiny_model(tie=True)
+    assert model.src_embed.weight is model.tgt_embed.weight
+    assert model.output_proj is None
+    untied = tiny_model(tie=False)
+    assert untied.output_proj is not None
+
+
+def test_cached_step_equals_full_decoder():
+    model = tiny_model().eval()
+    src = torch.tensor([[5, 6, 7, EOS, PAD], [8, 9, 10, 11, EOS]])
+    tgt = torch.tensor([[BOS, 12, 13, 14], [BOS, 15, 16, 17]])
+    memory, mask = model.encode(src)
+    full = model.logits(model.decode(tgt, memory, mask))
+    state = model.start_decoding(memory, mask, use_cache=True)
+    for t in range(tgt.size(1)):
+        logits, state = model.step(tgt[:, : t + 1], state)
+        assert torch.allclose(logits, full[:, t], atol=1e-5)
+
+
+def test_training_step_reduces_loss():
+    from mt.loss import label_smoothed_nll
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    src = torch.tensor([[5, 6, 7, EOS]] * 4)
+    tgt_in, tgt_out = torch.tensor([[BOS, 7, 6, 5]] * 4), torch.tensor([[7, 6, 5, EOS]] * 4)
+    losses = []
+    for _ in range(30):
+        loss, _ = label_smoothed_nll(model.logits(model(src, tgt_in)).flatten(0, 1), tgt_out.flatten(), 0.1)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] / 3

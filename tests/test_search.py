@@ -1,0 +1,82 @@
+import torch
+from conftest import tiny_model
+
+from mt.batching import pad
+from mt.search import beam_search, greedy_search
+from mt.tokenizer import EOS
+
+
+def _sources():
+    """A batch of very different source lengths."""
+    lengths = [2, 17, 5, 31, 1, 9]
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(4, 40, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _random_model():
+    model = tiny_model().eval()
+    # sharpen the output distribution so hypotheses end at varied lengths
+    with torch.no_grad():
+        model.src_embed.weight.mul_(4)
+    return model
+
+
+def test_cached_and_uncached_greedy_agree():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    cached = greedy_search(model, src, use_cache=True)
+    uncached = greedy_search(model, src, use_cache=False)
+    assert [h.tokens for h in cached] == [h.tokens for h in uncached]
+    assert any(len(h.tokens) > 3 for h in cached)
+
+
+def test_cached_and_uncached_beam_agree():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    cached = beam_search(model, src, beam=5, nbest=5, use_cache=True)
+    uncached = beam_search(model, src, beam=5, nbest=5, use_cache=False)
+    assert [[h.tokens for h in n] for n in cached] == [[h.tokens for h in n] for n in uncached]
+    for a, b in zip(cached, uncached):
+        assert all(abs(x.score - y.score) < 1e-4 for x, y in zip(a, b))
+
+
+def test_beam_one_equals_greedy_without_length_penalty():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    greedy = greedy_search(model, src, length_penalty=0.0)
+    beam = beam_search(model, src, beam=1, length_penalty=0.0)
+    assert [h.tokens for h in greedy] == [b[0].tokens for b in beam]
+
+
+def test_beam_is_sorted_and_no_worse_than_greedy():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    for penalty in (0.0, 1.0):
+        greedy = greedy_search(model, src, length_penalty=penalty)
+        beams = beam_search(model, src, beam=5, length_penalty=penalty, nbest=5)
+        for g, hyps in zip(greedy, beams):
+            scores = [h.score for h in hyps]
+            assert scores == sorted(scores, reverse=True)
+            assert scores[0] >= g.score - 1e-5
+
+
+def test_nbest_hypotheses_are_distinct():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    for hyps in beam_search(model, src, beam=4, nbest=4):
+        assert len(hyps) == 4
+        assert len({tuple(h.tokens) for h in hyps}) == 4
+
+
+def test_batch_decodes_like_each_sentence_alone():
+    model, sources = _random_model(), _sources()
+    batch_greedy = greedy_search(model, pad(sources, suffix=[EOS]))
+    batch_beam = beam_search(model, pad(sources, suffix=[EOS]), beam=3)
+    for i, ids in enumerate(sources):
+        alone = pad([ids], suffix=[EOS])
+        assert greedy_search(model, alone)[0].tokens == batch_greedy[i].tokens
+        assert beam_search(model, alone, beam=3)[0][0].tokens == batch_beam[i][0].tokens
+
+
+def test_hypotheses_respect_maximum_length():
+    model, sources = _random_model(), _sources()
+    src = pad(sources, suffix=[EOS])
+    for ids, h in zip(sources, greedy_search(model, src, max_len_a=0.5, max_len_b=2)):
+        assert len(h.tokens) + 1 <= int(0.5 * len(ids) + 2)
+    for ids, hyps in zip(sources, beam_search(model, src, beam=3, max_len_a=0.5, max_len_b=2)):
+        assert len(hyps[0].tokens) + 1 <= int(0.5 * len(ids) + 2)
