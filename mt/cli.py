@@ -66,7 +66,8 @@ def data_fetch(
 ) -> None:
     """Download a corpus into plain line-aligned files plus manifest.json.
 
-    Examples: mt data fetch multi30k --pair de-en;  mt data fetch --hf iwslt2017 --hf-config iwslt2017-de-en --pair de-en
+    Examples: mt data fetch multi30k --pair de-en;
+    mt data fetch --hf iwslt2017 --hf-config iwslt2017-de-en --pair de-en
     """
     from mt import data
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
