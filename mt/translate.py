@@ -120,7 +120,18 @@ class Translator:
     ) -> Iterator[list[Translation]]:
         """For each input line, its `nbest` translations (best first); blank lines give one blank."""
         lines = iter(lines)
-        while chunk := list(islice(lines, chunk_lines)):
+        chunks = iter(lambda: list(islice(lines, chunk_lines)), [])
+        return self.translate_chunks(chunks, beam, length_penalty, nbest)
+
+    def translate_chunks(
+        self,
+        chunks: Iterable[list[str]],
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        nbest: int = 1,
+    ) -> Iterator[list[Translation]]:
+        """Like `translate`, for input already cut into chunks (each is sorted and batched on its own)."""
+        for chunk in chunks:
             yield from self._translate_chunk(chunk, beam, length_penalty, nbest)
 
     def _translate_chunk(self, chunk: list[str], beam, length_penalty, nbest) -> list[list[Translation]]:

@@ -2,6 +2,9 @@
 
 import json
 import random
+import select
+import subprocess
+import sys
 
 import pytest
 from conftest import run_mt
@@ -68,6 +71,27 @@ def test_translate_keeps_one_line_per_input_line(trained):
     assert result.stdout.split("\n") == ["4 3 2 1", "", "", "7 6 5", ""]
     beam = run_mt("translate", str(trained / "run"), "--beam", "4", stdin="1 2 3 4\n5 6 7\n")
     assert beam.stdout == "4 3 2 1\n7 6 5\n"
+
+
+def test_translate_answers_each_typed_line_before_input_ends(trained):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mt", "translate", str(trained / "run"), "--beam", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line, expected in (("1 2 3\n", "3 2 1\n"), ("4 5 6 7\n", "7 6 5 4\n")):
+            process.stdin.write(line)
+            process.stdin.flush()
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            assert ready, "no translation while stdin stays open"
+            assert process.stdout.readline() == expected
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+    assert process.returncode == 0
 
 
 def test_translate_nbest_format(trained):

@@ -37,7 +37,8 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=None) as error:
         load_config(_write(tmp_path, text), overrides)
     assert message in str(error.value)
-    assert str(error.value).startswith(str(tmp_path))
+    # errors in the file's values name the file; a malformed --set names only itself
+    assert str(error.value).startswith(str(tmp_path)) or message.startswith("--set")
 
 
 def test_missing_config_file(tmp_path):

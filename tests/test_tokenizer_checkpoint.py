@@ -1,0 +1,68 @@
+import pickle
+
+import pytest
+import torch
+
+from mt.checkpoint import load_checkpoint, save_checkpoint
+from mt.config import TokenizerConfig
+from mt.errors import CheckpointError
+from mt.tokenizer import BOS, EOS, PAD, UNK, prepare_tokenizer
+
+SRC = [f"der kleine hund {i} läuft über die wiese" for i in range(200)]
+TGT = [f"the small dog {i} runs across the meadow" for i in range(200)]
+
+
+@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+def test_joint_tokenizer_round_trip_and_special_ids(tmp_path, kind):
+    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(type=kind, vocab_size=60), SRC, TGT)
+    assert tokenizer.joint and (tmp_path / "spm.model").is_file()
+    processor = tokenizer.src
+    assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (PAD, UNK, BOS, EOS)
+    ids = tokenizer.encode_tgt(["the small dog 7 runs"])
+    assert tokenizer.decode_tgt(ids) == ["the small dog 7 runs"]
+    assert all(i > EOS for i in ids[0])
+
+
+def test_separate_vocabularies(tmp_path):
+    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), SRC, TGT)
+    assert not tokenizer.joint
+    assert (tmp_path / "spm.src.model").is_file() and (tmp_path / "spm.tgt.model").is_file()
+    # German-only characters are in the source vocabulary and unknown to the target one
+    assert tokenizer.src.piece_to_id("ü") != UNK and tokenizer.tgt.piece_to_id("ü") == UNK
+    before = tokenizer.fingerprint()
+    again = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), SRC, TGT)
+    assert again.fingerprint() == before  # an existing tokenizer is reused, not retrained
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "step": 3, "betas": (0.9, 0.98)})
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+    assert "this must never run" not in capsys.readouterr().out
+    path.write_bytes(pickle.dumps({"model": _Payload()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.randn(1000)}})
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
