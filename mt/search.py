@@ -130,14 +130,20 @@ def beam_search(
 
         ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])
         if ends.any():
+            # one transfer for all hypotheses ending now, not one per hypothesis
+            end_sentence, end_rank = ends.nonzero().unbind(1)
+            end_rows = end_sentence * k + top_beam[end_sentence, end_rank]
             penalty = length**length_penalty
-            for i, j in ends.nonzero().tolist():
-                row = i * k + top_beam[i, j].item()
-                raw = top_scores[i, j].item()
-                sentence = finished[active[i]]
-                sentence.append(Hypothesis(prefix[row, 1:].tolist(), raw / penalty, raw))
-                if len(sentence) >= k:
-                    kth_finished[i] = sorted((h.score for h in sentence), reverse=True)[k - 1]
+            for i, original, tokens, raw in zip(
+                end_sentence.tolist(),
+                active[end_sentence].tolist(),
+                prefix[end_rows, 1:].tolist(),
+                top_scores[end_sentence, end_rank].tolist(),
+            ):
+                hyps = finished[original]
+                hyps.append(Hypothesis(tokens, raw / penalty, raw))
+                if len(hyps) >= k:
+                    kth_finished[i] = sorted((h.score for h in hyps), reverse=True)[k - 1]
 
         open_scores, pick = top_scores.masked_fill(is_eos, -torch.inf).topk(k, dim=1)  # (n, K)
         rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)

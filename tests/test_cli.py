@@ -173,3 +173,15 @@ def _ok(tmp_path):
     config = tmp_path / "ok.yaml"
     config.write_text(f"data: {{dir: data/none}}\ntrain: {{run_dir: {tmp_path / 'run'}, max_steps: 1}}\n")
     return config
+
+
+def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
+    from mt.translate import Translator
+
+    translator = Translator(trained / "run", device="cpu")
+    lines = ["1", "5 4 3 2 1 0 9 8 7 6 5 4 3 2 1 0 9 8", "7 7 7", "0 1 2 3 4 5 6 7 8 9 0 1", "3 3"]
+    sources = translator.tokenizer.encode_src(lines)
+    for beam in (1, 5):
+        cached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=True)
+        uncached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=False)
+        assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
