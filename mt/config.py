@@ -79,7 +79,7 @@ class DecodeConfig:
     length_penalty: float = 1.0  # score = log P(y|x) / len(y) ** length_penalty
     max_len_a: float = 1.2  # a hypothesis has at most a * len(src) + b pieces
     max_len_b: int = 10
-    max_tokens: int = 8192  # source pieces per decoding batch, padding included
+    max_tokens: int = 6144  # source pieces x beam size per decoding batch, padding included
 
 
 @dataclass

@@ -65,6 +65,18 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def _append(cached: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
+    """cat([cached[rows], new], dim=2) with one copy of the cache: (R, H, t, Dh) -> (R', H, t+L, Dh)."""
+    count, heads, length, head_dim = cached.shape
+    out = new.new_empty(count if rows is None else rows.numel(), heads, length + new.size(2), head_dim)
+    if rows is None:
+        out[:, :, :length] = cached
+    else:
+        torch.index_select(cached, 0, rows, out=out[:, :, :length])
+    out[:, :, length:] = new
+    return out
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection."""
 
@@ -74,14 +86,18 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KeyValue | None = None) -> tuple[Tensor, KeyValue]:
-        """x (B, L, D); mask broadcastable to (B, H, L, L_total); cache holds earlier positions' keys/values.
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KeyValue | None = None, cache_rows: Tensor | None = None
+    ) -> tuple[Tensor, KeyValue]:
+        """x (B, L, D); mask broadcastable to (B, H, L, L_total).
 
-        Returns the output (B, L, D) and the keys/values of all positions seen so far.
+        `cache` holds earlier positions' keys/values; row r of the output continues row
+        `cache_rows[r]` of the cache (beam reordering). Returns the output (B, L, D) and the
+        keys/values of all positions seen so far.
         """
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            k, v = _append(cache[0], k, cache_rows), _append(cache[1], v, cache_rows)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(_merge_heads(out)), (k, v)
@@ -169,9 +185,10 @@ class DecoderLayer(nn.Module):
         memory_kv: KeyValue,
         memory_mask: Tensor,
         cache: KeyValue | None = None,
+        cache_rows: Tensor | None = None,
     ) -> tuple[Tensor, KeyValue]:
         """x (B*K, T, D); self_mask (B*K, 1, T, T) or None when decoding one cached step."""
-        attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache)
+        attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache, cache_rows)
         x = self.self_block.add(x, attended)
         x = self.cross_block.add(x, self.cross_attn(self.cross_block.sublayer_input(x), memory_kv, memory_mask))
         return self.ffn_block.add(x, self.ffn(self.ffn_block.sublayer_input(x))), kv
@@ -183,12 +200,15 @@ class DecoderState:
 
     memory/src_mask/cross_kv have one row per sentence; self_kv has one row per hypothesis.
     self_kv is None on the uncached reference path, which reruns the decoder on the whole prefix.
+    A reordering of hypotheses is only recorded (`self_rows`); the next step applies it while it
+    appends to the cache, so the cache is copied once per step, not twice.
     """
 
     memory: Tensor  # (B, S, D)
     memory_mask: Tensor  # (B, 1, 1, S)
     cross_kv: list[KeyValue]  # per layer
     self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
+    self_rows: Tensor | None = None  # row r of the next step continues cached row self_rows[r]
 
     def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:
         """Keep hypothesis rows `rows` (and sentences `sentences`, when some sentences are dropped)."""
@@ -201,13 +221,7 @@ class DecoderState:
                 cross_kv=[(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in state.cross_kv],
             )
         if state.self_kv is not None:
-            state = replace(
-                state,
-                self_kv=[
-                    None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
-                    for kv in state.self_kv
-                ],
-            )
+            state = replace(state, self_rows=rows if state.self_rows is None else state.self_rows[rows])
         return state
 
 
@@ -287,16 +301,17 @@ class Transformer(nn.Module):
         """Next-token logits: prefix (B*K, t) holds every token so far (BOS first) -> (B*K, V).
 
         With a cache only the last token is run through the decoder; without one (the reference
-        path) the whole prefix is.
+        path) the whole prefix is. The cache of the `state` passed in is consumed: use the returned one.
         """
         if state.self_kv is None:
             return self.logits(self.decode(prefix, state.memory, state.memory_mask)[:, -1]), state
         x = self._embed(prefix[:, -1:], self.tgt_embed, offset=prefix.size(1) - 1)
-        new_kv = []
-        for layer, cache, memory_kv in zip(self.decoder, state.self_kv, state.cross_kv):
-            x, kv = layer(x, None, memory_kv, state.memory_mask, cache)
+        new_kv, old_kv = [], state.self_kv
+        for i, (layer, memory_kv) in enumerate(zip(self.decoder, state.cross_kv)):
+            x, kv = layer(x, None, memory_kv, state.memory_mask, old_kv[i], state.self_rows)
+            old_kv[i] = None  # free this layer's old cache now, not after the last layer (peak memory)
             new_kv.append(kv)
-        return self.logits(self.decoder_norm(x)[:, 0]), replace(state, self_kv=new_kv)
+        return self.logits(self.decoder_norm(x)[:, 0]), replace(state, self_kv=new_kv, self_rows=None)
 
 
 def build_model(config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool) -> Transformer:

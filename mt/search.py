@@ -104,27 +104,26 @@ def beam_search(
     memory, memory_mask = model.encode(src)
     state = model.start_decoding(memory, memory_mask, use_cache)
     limit = max_lengths(src, max_len_a, max_len_b, model.positions.size(0))
-    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
-    prefix = torch.full((batch * k, 1), BOS, dtype=torch.long, device=device)
-    scores = torch.full((batch, k), -torch.inf, device=device)  # log-probs of the open hypotheses
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    # the first step has one hypothesis (BOS) per sentence; afterwards there are K
+    prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs
     active = torch.arange(batch, device=device)  # original sentence index of each active sentence
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     kth_finished = torch.full((batch,), -torch.inf, device=device)  # K-th best finished score
     beam_offsets = torch.arange(k, device=device)
 
     for length in range(1, int(limit.max()) + 1):
-        n = active.numel()
+        n, open_per_sentence = scores.shape
         log_probs, state = _next_log_probs(model, prefix, state)
         vocab = log_probs.size(-1)
-        log_probs = log_probs.view(n, k, vocab)
+        log_probs = log_probs.view(n, open_per_sentence, vocab)
         at_limit = length >= limit
         if at_limit.any():
             eos = log_probs[at_limit, :, EOS]
             log_probs[at_limit] = -torch.inf
             log_probs[at_limit, :, EOS] = eos
-        candidates = (scores[:, :, None] + log_probs).view(n, k * vocab)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2K)
+        candidates = (scores[:, :, None] + log_probs).view(n, open_per_sentence * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (n, 2K)
         top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = top_token == EOS
 
@@ -132,7 +131,7 @@ def beam_search(
         if ends.any():
             # one transfer for all hypotheses ending now, not one per hypothesis
             end_sentence, end_rank = ends.nonzero().unbind(1)
-            end_rows = end_sentence * k + top_beam[end_sentence, end_rank]
+            end_rows = end_sentence * open_per_sentence + top_beam[end_sentence, end_rank]
             penalty = length**length_penalty
             for i, original, tokens, raw in zip(
                 end_sentence.tolist(),
@@ -146,7 +145,7 @@ def beam_search(
                     kth_finished[i] = sorted((h.score for h in hyps), reverse=True)[k - 1]
 
         open_scores, pick = top_scores.masked_fill(is_eos, -torch.inf).topk(k, dim=1)  # (n, K)
-        rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+        rows = (torch.arange(n, device=device)[:, None] * open_per_sentence + top_beam.gather(1, pick)).view(-1)
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
         scores = open_scores
         state = state.select(rows)
