@@ -136,6 +136,7 @@ def translate(
     beam: int | None = typer.Option(None, help="Beam size (1 = greedy; default from the model's config)."),
     length_penalty: float | None = typer.Option(None, help="Score = log P / length ** this (default from config)."),
     nbest: int = typer.Option(1, help="Print the N best hypotheses per line as `index<TAB>score<TAB>text`."),
+    no_repeat_ngram: int | None = typer.Option(None, help="Never repeat an n-gram of this size (0 = allow)."),
     checkpoint: str = typer.Option("best.pt", help="Checkpoint file in the run directory."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
 ) -> None:
@@ -151,7 +152,9 @@ def translate(
     if not 1 <= nbest <= (beam or translator.config.decode.beam):
         raise MTError("--nbest must be between 1 and the beam size")
     chunks = read_chunks(sys.stdin.fileno())
-    for index, translations in enumerate(translator.translate_chunks(chunks, beam, length_penalty, nbest)):
+    for index, translations in enumerate(
+        translator.translate_chunks(chunks, beam, length_penalty, nbest, no_repeat_ngram)
+    ):
         if nbest == 1:
             sys.stdout.write(translations[0].text + "\n")
         else:

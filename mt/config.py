@@ -80,6 +80,7 @@ class DecodeConfig:
     max_len_a: float = 1.2  # a hypothesis has at most a * len(src) + b pieces
     max_len_b: int = 10
     max_tokens: int = 6144  # source pieces x beam size per decoding batch, padding included
+    no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
 
 
 @dataclass

@@ -5,7 +5,7 @@ len(y) counts the generated pieces including the final EOS. length_penalty 0 ran
 log-probability; 1 (the default) by average log-probability per piece.
 
 A hypothesis has at most  max_len_a * len(x) + max_len_b  pieces (len(x) without EOS); at that
-length EOS is forced.
+length EOS is forced. With `no_repeat_ngram` N > 0, no hypothesis contains the same N-gram twice.
 """
 
 from __future__ import annotations
@@ -32,10 +32,28 @@ def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (a * src_len.float() + b).long().clamp(1, limit - 1)
 
 
-def _next_log_probs(model: Transformer, prefix: Tensor, state):
+def ban_repeated_ngrams(log_probs: Tensor, prefix: Tensor, n: int) -> None:
+    """Rule out (in place) every piece that would repeat an n-gram already in its hypothesis.
+
+    log_probs (R, V); prefix (R, t) with BOS first. Vectorised over all rows: the last n-1
+    pieces of each row are compared with every n-gram window of that row.
+    """
+    generated = prefix[:, 1:]
+    if n < 1 or generated.size(1) < n:
+        return
+    windows = generated.unfold(1, n, 1)  # (R, W, n)
+    tail = generated[:, generated.size(1) - n + 1 :]  # (R, n-1)
+    repeats = (windows[:, :, : n - 1] == tail[:, None, :]).all(dim=-1)  # (R, W)
+    rows, starts = repeats.nonzero().unbind(1)
+    log_probs[rows, windows[rows, starts, n - 1]] = -torch.inf
+
+
+def _next_log_probs(model: Transformer, prefix: Tensor, state, no_repeat_ngram: int = 0):
     logits, state = model.step(prefix, state)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
+    if no_repeat_ngram:
+        ban_repeated_ngrams(log_probs, prefix, no_repeat_ngram)
     return log_probs, state
 
 
@@ -47,6 +65,7 @@ def greedy_search(
     max_len_b: int = 10,
     length_penalty: float = 1.0,
     use_cache: bool = True,
+    no_repeat_ngram: int = 0,
 ) -> list[Hypothesis]:
     """The most probable next piece at every step; src (B, S) -> one hypothesis per sentence.
 
@@ -60,7 +79,7 @@ def greedy_search(
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
     results: list[Hypothesis | None] = [None] * src.size(0)
     for length in range(1, int(limit.max()) + 1):
-        log_probs, state = _next_log_probs(model, prefix, state)
+        log_probs, state = _next_log_probs(model, prefix, state, no_repeat_ngram)
         token = log_probs.argmax(dim=-1)
         token = torch.where(length >= limit, EOS, token)
         log_prob = log_prob + log_probs.gather(1, token[:, None]).squeeze(1)
@@ -89,6 +108,7 @@ def beam_search(
     max_len_b: int = 10,
     nbest: int = 1,
     use_cache: bool = True,
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search for a whole batch at once; src (B, S) -> per sentence its `nbest` best hypotheses.
 
@@ -114,7 +134,7 @@ def beam_search(
 
     for length in range(1, int(limit.max()) + 1):
         n, open_per_sentence = scores.shape
-        log_probs, state = _next_log_probs(model, prefix, state)
+        log_probs, state = _next_log_probs(model, prefix, state, no_repeat_ngram)
         vocab = log_probs.size(-1)
         log_probs = log_probs.view(n, open_per_sentence, vocab)
         at_limit = length >= limit

@@ -84,14 +84,17 @@ class Translator:
         self.model = load_model(run_dir, self.config, self.tokenizer, self.device, checkpoint)
         self.max_source = self.model.positions.size(0) - 1
 
-    def _search(self, beam: int, length_penalty: float, nbest: int, use_cache: bool):
+    def _search(self, beam: int, length_penalty: float, nbest: int, use_cache: bool, no_repeat_ngram: int):
         d = self.config.decode
         if beam == 1:
             return lambda src: [
-                [h] for h in greedy_search(self.model, src, d.max_len_a, d.max_len_b, length_penalty, use_cache)
+                [h]
+                for h in greedy_search(
+                    self.model, src, d.max_len_a, d.max_len_b, length_penalty, use_cache, no_repeat_ngram
+                )
             ]
         return lambda src: beam_search(
-            self.model, src, beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache
+            self.model, src, beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache, no_repeat_ngram
         )
 
     def translate_ids(
@@ -101,12 +104,17 @@ class Translator:
         length_penalty: float | None = None,
         nbest: int = 1,
         use_cache: bool = True,
+        no_repeat_ngram: int | None = None,
     ) -> list[list[Hypothesis]]:
-        """Source piece ids (no EOS) -> the `nbest` best hypotheses of each, in input order."""
+        """Source piece ids (no EOS) -> the `nbest` best hypotheses of each, in input order.
+
+        Settings left as None come from the `decode` section of the model's config.
+        """
         d = self.config.decode
         beam = d.beam if beam is None else beam
         length_penalty = d.length_penalty if length_penalty is None else length_penalty
-        search = self._search(beam, length_penalty, nbest, use_cache)
+        no_repeat_ngram = d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
+        search = self._search(beam, length_penalty, nbest, use_cache, no_repeat_ngram)
         # decode.max_tokens bounds decoder rows: source pieces times beam size
         return decode_batches(sources, search, max(1, d.max_tokens // beam), self.device)
 
@@ -117,11 +125,12 @@ class Translator:
         length_penalty: float | None = None,
         nbest: int = 1,
         chunk_lines: int = 2000,
+        no_repeat_ngram: int | None = None,
     ) -> Iterator[list[Translation]]:
         """For each input line, its `nbest` translations (best first); blank lines give one blank."""
         lines = iter(lines)
         chunks = iter(lambda: list(islice(lines, chunk_lines)), [])
-        return self.translate_chunks(chunks, beam, length_penalty, nbest)
+        return self.translate_chunks(chunks, beam, length_penalty, nbest, no_repeat_ngram)
 
     def translate_chunks(
         self,
@@ -129,12 +138,15 @@ class Translator:
         beam: int | None = None,
         length_penalty: float | None = None,
         nbest: int = 1,
+        no_repeat_ngram: int | None = None,
     ) -> Iterator[list[Translation]]:
         """Like `translate`, for input already cut into chunks (each is sorted and batched on its own)."""
         for chunk in chunks:
-            yield from self._translate_chunk(chunk, beam, length_penalty, nbest)
+            yield from self._translate_chunk(chunk, beam, length_penalty, nbest, no_repeat_ngram)
 
-    def _translate_chunk(self, chunk: list[str], beam, length_penalty, nbest) -> list[list[Translation]]:
+    def _translate_chunk(
+        self, chunk: list[str], beam, length_penalty, nbest, no_repeat_ngram
+    ) -> list[list[Translation]]:
         wanted = [i for i, line in enumerate(chunk) if line.strip()]
         sources = self.tokenizer.encode_src([chunk[i].strip() for i in wanted])
         for i, ids in enumerate(sources):
@@ -142,7 +154,9 @@ class Translator:
                 log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), self.max_source)
                 sources[i] = ids[: self.max_source]
         results: list[list[Translation]] = [[Translation("", 0.0)] for _ in chunk]
-        for i, hyps in zip(wanted, self.translate_ids(sources, beam, length_penalty, nbest)):
+        for i, hyps in zip(
+            wanted, self.translate_ids(sources, beam, length_penalty, nbest, no_repeat_ngram=no_repeat_ngram)
+        ):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
         return results

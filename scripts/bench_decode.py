@@ -51,16 +51,22 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="override decode.max_tokens of the model's config")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     translator = Translator(args.run_dir, device=args.device)
+    if args.max_tokens:
+        translator.config.decode.max_tokens = args.max_tokens
     lines = [line.strip() for line in read_lines(args.src)]
     sources = translator.tokenizer.encode_src(lines)
     refs = read_lines(args.ref) if args.ref else None
-    print(f"{len(sources)} sentences from {args.src}; device {translator.device}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(sources)} sentences from {args.src}; device {translator.device}, {torch.get_num_threads()} threads, "
+        f"decode.max_tokens {translator.config.decode.max_tokens}"
+    )
     print(f"{'mode':<16}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
     results = {}
     modes = [("greedy", 1, True), (f"beam{args.beam}", args.beam, True)]

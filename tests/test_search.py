@@ -80,3 +80,31 @@ def test_hypotheses_respect_maximum_length():
         assert len(h.tokens) + 1 <= int(0.5 * len(ids) + 2)
     for ids, hyps in zip(sources, beam_search(model, src, beam=3, max_len_a=0.5, max_len_b=2)):
         assert len(hyps[0].tokens) + 1 <= int(0.5 * len(ids) + 2)
+
+
+def test_ban_repeated_ngrams():
+    from mt.search import ban_repeated_ngrams
+    from mt.tokenizer import BOS
+
+    prefix = torch.tensor([[BOS, 5, 6, 7, 5, 6], [BOS, 5, 6, 7, 8, 9]])
+    log_probs = torch.zeros(2, 12)
+    ban_repeated_ngrams(log_probs, prefix, 3)  # row 0 ends in "5 6", and "5 6 7" was seen
+    assert torch.isinf(log_probs[0, 7]) and torch.isfinite(log_probs[0]).sum() == 11
+    assert torch.isfinite(log_probs[1]).all()
+    log_probs = torch.zeros(2, 12)
+    ban_repeated_ngrams(log_probs, prefix, 2)  # row 0 ends in "6": "6 7" was seen
+    assert torch.isinf(log_probs[0, 7]) and torch.isfinite(log_probs[1]).all()
+
+
+def test_no_repeat_ngram_holds_in_greedy_and_beam_output():
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+    plain = [h.tokens for h in greedy_search(model, src, max_len_b=30)]
+
+    def bigrams(tokens):
+        return list(zip(tokens, tokens[1:]))
+
+    assert any(len(set(bigrams(t))) < len(bigrams(t)) for t in plain)  # the random model does repeat
+    outputs = [h.tokens for h in greedy_search(model, src, max_len_b=30, no_repeat_ngram=2)]
+    outputs += [hyps[0].tokens for hyps in beam_search(model, src, beam=3, max_len_b=30, no_repeat_ngram=2)]
+    for tokens in outputs:
+        assert len(set(bigrams(tokens))) == len(bigrams(tokens))
