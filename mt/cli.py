@@ -1,6 +1,6 @@
 """The `mt` command line: parses arguments and calls one library function per command.
 
-Exit codes: 0 success, 2 bad input (a one-line message on stderr), 130 interrupted.
+Exit codes: 0 success, 2 bad input (a one-line message on stderr) or usage, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -220,7 +220,10 @@ def fetch_hub(
         if missing:
             raise DataError(f"{name}: no language {missing[0]!r} in its translations (has {sorted(pairs[0])})")
         src, tgt, dropped[split] = align(
-            [p[src_lang] or "" for p in pairs], [p[tgt_lang] or "" for p in pairs], f"{name}:{hub_split}", ""
+            [p[src_lang] or "" for p in pairs],
+            [p[tgt_lang] or "" for p in pairs],
+            f"{name}:{hub_split}:{src_lang}",
+            f"{name}:{hub_split}:{tgt_lang}",
         )
         splits[split] = (src, tgt)
     return write_corpus(
