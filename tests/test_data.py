@@ -100,3 +100,21 @@ def test_invalid_utf8_can_be_replaced(tmp_path):
     (tmp_path / "b.en").write_bytes(b"one\ntw\xffo\n")
     data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "b.en", errors="replace")
     assert (tmp_path / "c" / "train.en").read_text().splitlines()[1] == "tw\ufffdo"
+
+
+def test_fetch_hub_dataset_with_translation_column(tmp_path):
+    """`--hf NAME` goes through datasets.load_dataset, which takes a local dataset directory too."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for split, n in (("train", 5), ("validation", 2), ("test", 2)):
+        rows = [{"translation": {"de": f"satz {i}", "en": f"sentence {i}" if i else ""}} for i in range(n)]
+        (hub / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reports = data.fetch_hub(str(hub), "de-en", out_dir=tmp_path / "out")
+    assert {s: (r.pairs, r.dropped_empty) for s, r in reports.items()} == {
+        "train": (4, 1),
+        "valid": (1, 1),
+        "test": (1, 1),
+    }
+    assert (tmp_path / "out" / "train.en").read_text().splitlines()[0] == "sentence 1"
+    with pytest.raises(DataError, match="no language 'fr'"):
+        data.fetch_hub(str(hub), "de-fr", out_dir=tmp_path / "out2")
