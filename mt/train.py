@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mt.batching import collate, make_batches
 from mt.checkpoint import load_checkpoint, save_checkpoint
-from mt.config import Config, parse_duration, save_config
+from mt.config import Config, TrainConfig, parse_duration, save_config
 from mt.data import load_parallel
 from mt.device import autocast, pick_device
 from mt.errors import CheckpointError, ConfigError
@@ -46,6 +46,44 @@ class Corpus:
     @property
     def tgt_lengths(self) -> list[int]:
         return [len(t) + 1 for t in self.tgt]  # + BOS or EOS
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded (src, tgt_in, tgt_out) tensors of the pairs at `indices`."""
+        return collate([self.src[i] for i in indices], [self.tgt[i] for i in indices])
+
+
+@dataclass
+class StepStats:
+    loss_sum: float  # label-smoothed loss summed over target tokens
+    target_tokens: int
+    source_tokens: int
+    padded_tokens: int  # source + target positions including padding
+
+
+def train_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lr: float,
+    config: TrainConfig,
+    device: torch.device,
+) -> StepStats:
+    """One update on a collated (src, tgt_in, tgt_out) batch: loss per target token, backward, clip, AdamW."""
+    src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in batch)
+    model.train()
+    set_lr(optimizer, lr)
+    with autocast(device):
+        hidden = model(src, tgt_in)
+        real = tgt_out != PAD
+        # the output projection only runs on real target positions, not on padding
+        loss_sum, _ = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], config.label_smoothing)
+    target_tokens = int(real.sum())
+    (loss_sum / target_tokens).backward()
+    if config.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_sum.item(), target_tokens, int((src != PAD).sum()), src.numel() + tgt_out.numel())
 
 
 def encode_corpus(tokenizer: Tokenizer, src: list[str], tgt: list[str], max_length: int | None) -> tuple[Corpus, int]:
@@ -83,9 +121,7 @@ def validate(
     model.eval()
     loss_sum = nll_sum = tokens = 0.0
     for batch in make_batches(corpus.src_lengths, corpus.tgt_lengths, config.train.max_tokens):
-        src, tgt_in, tgt_out = (
-            t.to(device) for t in collate([corpus.src[i] for i in batch], [corpus.tgt[i] for i in batch])
-        )
+        src, tgt_in, tgt_out = (t.to(device) for t in corpus.batch(batch))
         with autocast(device):
             hidden = model(src, tgt_in)
             real = tgt_out != PAD
@@ -177,32 +213,16 @@ def train(config: Config) -> Path:
     stop = out_of_budget() or (t.max_epochs is not None and epoch >= t.max_epochs)
     while not stop:
         epoch += 1
-        model.train()
         batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed + epoch)
         bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=None, dynamic_ncols=True)
         for batch in bar:
-            src, tgt_in, tgt_out = (
-                x.to(device, non_blocking=True)
-                for x in collate([corpus.src[i] for i in batch], [corpus.tgt[i] for i in batch])
-            )
             lr = inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps)
-            set_lr(optimizer, lr)
-            with autocast(device):
-                hidden = model(src, tgt_in)
-                real = tgt_out != PAD
-                # the output projection only runs on real target positions, not on padding
-                loss_sum, _ = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], t.label_smoothing)
-            target_tokens = int(real.sum())
-            (loss_sum / target_tokens).backward()
-            if t.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = train_step(model, optimizer, corpus.batch(batch), lr, t, device)
             step += 1
-            window_loss += loss_sum.item()
-            window_tokens += target_tokens
-            window_src_tokens += int((src != PAD).sum())
-            window_padded += src.numel() + tgt_out.numel()
+            window_loss += stats.loss_sum
+            window_tokens += stats.target_tokens
+            window_src_tokens += stats.source_tokens
+            window_padded += stats.padded_tokens
             if step % t.log_every == 0:
                 seconds = time.monotonic() - window_start
                 record = {

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Training throughput of a config on this machine, using the same step as `mt train`.
+
+    python scripts/bench_train.py configs/multi30k_de_en.yaml --steps 30 [--set train.max_tokens=4096]
+
+Prints parameters, batch shape, padding waste, tokens/s (source+target and target only), peak
+RSS, and model FLOP utilisation (MFU): the model's matmul FLOPs per second over the fp32
+matmul peak measured in the same run. Model FLOPs count linear layers on real (non-padding)
+tokens (6 x parameters x tokens for forward+backward) plus attention scores on the padded shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mt.batching import make_batches  # noqa: E402
+from mt.config import load_config  # noqa: E402
+from mt.data import load_parallel  # noqa: E402
+from mt.device import pick_device  # noqa: E402
+from mt.model import Transformer, build_model  # noqa: E402
+from mt.optim import build_optimizer, inverse_sqrt_lr  # noqa: E402
+from mt.tokenizer import prepare_tokenizer, tokenizer_files  # noqa: E402
+from mt.train import encode_corpus, train_step  # noqa: E402
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def step_flops(model: Transformer, src: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Forward + backward matmul FLOPs of one batch (see the module docstring)."""
+    c, dim = model.config, model.dim
+    encoder = sum(p.numel() for n, p in model.encoder.named_parameters() if p.dim() == 2)
+    decoder = sum(p.numel() for n, p in model.decoder.named_parameters() if p.dim() == 2)
+    output = model.tgt_embed.weight.numel()
+    src_tokens, tgt_tokens = int((src != 0).sum()), int((tgt != 0).sum())
+    batch, s, t = src.size(0), src.size(1), tgt.size(1)
+    linear = 2 * (encoder * src_tokens + (decoder + output) * tgt_tokens)
+    attention = 4 * batch * dim * (c.encoder_layers * s * s + c.decoder_layers * (t * t + t * s))
+    return 3 * (linear + attention)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    args = parser.parse_args()
+
+    config = load_config(args.config, args.overrides)
+    t = config.train
+    torch.manual_seed(t.seed)
+    device = pick_device(t.device)
+    src, tgt = load_parallel(config.data.dir, config.data.train, config.data.src, config.data.tgt)
+    run_dir = Path(t.run_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        # reuse the run directory's tokenizer when it has one; never write into it
+        has_tokenizer = tokenizer_files(run_dir, config.tokenizer.joint)[0].is_file()
+        tokenizer = prepare_tokenizer(run_dir if has_tokenizer else Path(scratch), config.tokenizer, src, tgt)
+        corpus, _ = encode_corpus(tokenizer, src, tgt, config.data.max_length)
+    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.joint).to(device)
+    optimizer = build_optimizer(model, t)
+    batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed)
+    peak = matmul_peak_gflops(device)
+
+    for step in range(args.warmup):
+        train_step(
+            model, optimizer, corpus.batch(batches[step]), inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device
+        )
+    totals = {"src": 0, "tgt": 0, "padded": 0, "flops": 0.0, "sentences": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        indices = batches[step % len(batches)]
+        batch = corpus.batch(indices)
+        stats = train_step(model, optimizer, batch, inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device)
+        totals["src"] += stats.source_tokens
+        totals["tgt"] += stats.target_tokens
+        totals["padded"] += stats.padded_tokens
+        totals["flops"] += step_flops(model, batch[0], batch[2])
+        totals["sentences"] += len(indices)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    real = totals["src"] + totals["tgt"]
+    achieved = totals["flops"] / seconds / 1e9
+    print(f"config {args.config} {' '.join(args.overrides)}; device {device}, {torch.get_num_threads()} threads")
+    print(f"parameters               {sum(p.numel() for p in model.parameters()):,}")
+    print(f"steps timed              {args.steps} ({seconds:.1f} s, {seconds / args.steps * 1000:.0f} ms/step)")
+    print(f"batch                    {totals['sentences'] / args.steps:.0f} pairs, {real / args.steps:.0f} real tokens")
+    print(f"padding waste            {1 - real / totals['padded']:.1%} of batch positions")
+    print(f"tokens/s (src+tgt)       {real / seconds:,.0f}")
+    print(f"target tokens/s          {totals['tgt'] / seconds:,.0f}")
+    print(f"peak RSS                 {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    if device.type == "cuda":
+        print(f"peak CUDA memory         {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB")
+    print(f"matmul peak (measured)   {peak:,.0f} GFLOP/s fp32")
+    print(f"model FLOP/s             {achieved:,.0f} GFLOP/s  (MFU {achieved / peak:.1%})")
+
+
+if __name__ == "__main__":
+    main()
