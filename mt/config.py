@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"
     max_tokens: int = 4096  # per batch and side, padding included
+    update_freq: int = 1  # batches accumulated into one update (effective batch = max_tokens x update_freq)
     lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
     warmup_steps: int = 1000
     adam_betas: tuple[float, float] = (0.9, 0.98)
@@ -162,6 +163,7 @@ def _validate(config: Config) -> None:
         ),
         (config.tokenizer.vocab_size >= 8, "tokenizer.vocab_size must be at least 8"),
         (t.max_tokens > 0, "train.max_tokens must be positive"),
+        (t.update_freq >= 1, "train.update_freq must be at least 1"),
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be positive, train.warmup_steps >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (d.beam >= 1, "decode.beam must be at least 1"),

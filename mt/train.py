@@ -60,30 +60,48 @@ class StepStats:
     padded_tokens: int  # source + target positions including padding
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (src, tgt_in, tgt_out), padded
+
+
+def accumulate_gradients(model: Transformer, batches: list[Batch], smoothing: float, device: torch.device) -> StepStats:
+    """Backward over micro-batches so the gradient equals that of one batch holding all of them.
+
+    Each micro-batch's summed loss is divided by the target tokens of *all* micro-batches, so the
+    accumulated gradient is the per-token mean over the whole update, as if it were one batch.
+    """
+    total_targets = sum(int((tgt_out != PAD).sum()) for _, _, tgt_out in batches)
+    stats = StepStats(0.0, total_targets, 0, 0)
+    model.train()
+    for batch in batches:
+        src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in batch)
+        with autocast(device):
+            hidden = model(src, tgt_in)
+            real = tgt_out != PAD
+            # the output projection only runs on real target positions, not on padding
+            loss_sum, _ = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], smoothing)
+        (loss_sum / total_targets).backward()
+        stats.loss_sum += loss_sum.item()
+        stats.source_tokens += int((src != PAD).sum())
+        stats.padded_tokens += src.numel() + tgt_out.numel()
+    return stats
+
+
 def train_step(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    batches: list[Batch],
     lr: float,
     config: TrainConfig,
     device: torch.device,
 ) -> StepStats:
-    """One update on a collated (src, tgt_in, tgt_out) batch: loss per target token, backward, clip, AdamW."""
-    src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in batch)
-    model.train()
+    """One update from `train.update_freq` micro-batches: accumulate gradients, clip, AdamW."""
     set_lr(optimizer, lr)
-    with autocast(device):
-        hidden = model(src, tgt_in)
-        real = tgt_out != PAD
-        # the output projection only runs on real target positions, not on padding
-        loss_sum, _ = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], config.label_smoothing)
-    target_tokens = int(real.sum())
-    (loss_sum / target_tokens).backward()
+    stats = accumulate_gradients(model, batches, config.label_smoothing, device)
     if config.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum.item(), target_tokens, int((src != PAD).sum()), src.numel() + tgt_out.numel())
+    return stats
 
 
 def encode_corpus(tokenizer: Tokenizer, src: list[str], tgt: list[str], max_length: int | None) -> tuple[Corpus, int]:
@@ -214,10 +232,11 @@ def train(config: Config) -> Path:
     while not stop:
         epoch += 1
         batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed + epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=None, dynamic_ncols=True)
-        for batch in bar:
+        updates = [batches[i : i + t.update_freq] for i in range(0, len(batches), t.update_freq)]
+        bar = tqdm(updates, desc=f"epoch {epoch}", unit="update", disable=None, dynamic_ncols=True)
+        for update in bar:
             lr = inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps)
-            stats = train_step(model, optimizer, corpus.batch(batch), lr, t, device)
+            stats = train_step(model, optimizer, [corpus.batch(b) for b in update], lr, t, device)
             step += 1
             window_loss += stats.loss_sum
             window_tokens += stats.target_tokens

@@ -84,7 +84,7 @@ def main() -> None:
 
     for step in range(args.warmup):
         train_step(
-            model, optimizer, corpus.batch(batches[step]), inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device
+            model, optimizer, [corpus.batch(batches[step])], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device
         )
     totals = {"src": 0, "tgt": 0, "padded": 0, "flops": 0.0, "sentences": 0}
     if device.type == "cuda":
@@ -93,7 +93,7 @@ def main() -> None:
     for step in range(args.warmup, args.warmup + args.steps):
         indices = batches[step % len(batches)]
         batch = corpus.batch(indices)
-        stats = train_step(model, optimizer, batch, inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device)
+        stats = train_step(model, optimizer, [batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device)
         totals["src"] += stats.source_tokens
         totals["tgt"] += stats.target_tokens
         totals["padded"] += stats.padded_tokens

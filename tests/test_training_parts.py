@@ -44,3 +44,34 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(50, 1e-3, 100) == 5e-4
     assert inverse_sqrt_lr(100, 1e-3, 100) == 1e-3
     assert math.isclose(inverse_sqrt_lr(400, 1e-3, 100), 5e-4)
+
+
+def test_accumulated_micro_batches_give_the_big_batch_gradient():
+    """A 4-way split of one batch, accumulated, equals the batch itself (update_freq)."""
+    from conftest import tiny_model
+
+    from mt.train import accumulate_gradients
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        (
+            torch.randint(4, 40, (n,), generator=generator).tolist(),
+            torch.randint(4, 40, (m,), generator=generator).tolist(),
+        )
+        for n, m in zip(range(3, 19), range(18, 2, -1))
+    ]
+    model = tiny_model()
+
+    def gradients(groups):
+        model.zero_grad()
+        stats = accumulate_gradients(
+            model, [collate([p[0] for p in g], [p[1] for p in g]) for g in groups], 0.1, torch.device("cpu")
+        )
+        return [p.grad.clone() for p in model.parameters()], stats
+
+    whole, whole_stats = gradients([pairs])
+    split, split_stats = gradients([pairs[i : i + 4] for i in range(0, 16, 4)])
+    assert whole_stats.target_tokens == split_stats.target_tokens
+    assert math.isclose(whole_stats.loss_sum, split_stats.loss_sum, rel_tol=1e-5)
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
