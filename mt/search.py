@@ -98,6 +98,25 @@ def greedy_search(
     return results  # type: ignore[return-value]
 
 
+def search(
+    model: Transformer,
+    src: Tensor,
+    beam: int,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    nbest: int = 1,
+    use_cache: bool = True,
+    no_repeat_ngram: int = 0,
+) -> list[list[Hypothesis]]:
+    """Greedy search when `beam` is 1, beam search otherwise; per sentence a list of hypotheses."""
+    if beam == 1:
+        return [
+            [h] for h in greedy_search(model, src, max_len_a, max_len_b, length_penalty, use_cache, no_repeat_ngram)
+        ]
+    return beam_search(model, src, beam, length_penalty, max_len_a, max_len_b, nbest, use_cache, no_repeat_ngram)
+
+
 @torch.inference_mode()
 def beam_search(
     model: Transformer,

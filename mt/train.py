@@ -25,13 +25,16 @@ from mt.evaluate import corpus_scores
 from mt.loss import label_smoothed_nll
 from mt.model import Transformer, build_model, count_parameters
 from mt.optim import build_optimizer, inverse_sqrt_lr, set_lr
-from mt.search import greedy_search
+from mt.search import search
 from mt.tokenizer import PAD, Tokenizer, prepare_tokenizer
 from mt.translate import decode_batches
 
 log = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (src, tgt_in, tgt_out), padded
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Corpus:
     def tgt_lengths(self) -> list[int]:
         return [len(t) + 1 for t in self.tgt]  # + BOS or EOS
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, indices: list[int]) -> Batch:
         """Padded (src, tgt_in, tgt_out) tensors of the pairs at `indices`."""
         return collate([self.src[i] for i in indices], [self.tgt[i] for i in indices])
 
@@ -59,8 +62,25 @@ class StepStats:
     source_tokens: int
     padded_tokens: int  # source + target positions including padding
 
+    def add(self, other: StepStats) -> None:
+        self.loss_sum += other.loss_sum
+        self.target_tokens += other.target_tokens
+        self.source_tokens += other.source_tokens
+        self.padded_tokens += other.padded_tokens
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (src, tgt_in, tgt_out), padded
+
+def batch_loss(
+    model: Transformer, batch: Batch, smoothing: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
+    """Teacher-forced (smoothed loss sum, NLL sum) of one batch, and its token counts."""
+    src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in batch)
+    with autocast(device):
+        hidden = model(src, tgt_in)
+        real = tgt_out != PAD
+        # the output projection only runs on real target positions, not on padding
+        loss_sum, nll_sum = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], smoothing)
+    counts = StepStats(0.0, int(real.sum()), int((src != PAD).sum()), src.numel() + tgt_out.numel())
+    return loss_sum, nll_sum, counts
 
 
 def accumulate_gradients(model: Transformer, batches: list[Batch], smoothing: float, device: torch.device) -> StepStats:
@@ -70,19 +90,13 @@ def accumulate_gradients(model: Transformer, batches: list[Batch], smoothing: fl
     accumulated gradient is the per-token mean over the whole update, as if it were one batch.
     """
     total_targets = sum(int((tgt_out != PAD).sum()) for _, _, tgt_out in batches)
-    stats = StepStats(0.0, total_targets, 0, 0)
+    stats = StepStats(0.0, 0, 0, 0)
     model.train()
     for batch in batches:
-        src, tgt_in, tgt_out = (x.to(device, non_blocking=True) for x in batch)
-        with autocast(device):
-            hidden = model(src, tgt_in)
-            real = tgt_out != PAD
-            # the output projection only runs on real target positions, not on padding
-            loss_sum, _ = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], smoothing)
+        loss_sum, _, counts = batch_loss(model, batch, smoothing, device)
         (loss_sum / total_targets).backward()
-        stats.loss_sum += loss_sum.item()
-        stats.source_tokens += int((src != PAD).sum())
-        stats.padded_tokens += src.numel() + tgt_out.numel()
+        counts.loss_sum = loss_sum.item()
+        stats.add(counts)
     return stats
 
 
@@ -139,22 +153,16 @@ def validate(
     model.eval()
     loss_sum = nll_sum = tokens = 0.0
     for batch in make_batches(corpus.src_lengths, corpus.tgt_lengths, config.train.max_tokens):
-        src, tgt_in, tgt_out = (t.to(device) for t in corpus.batch(batch))
-        with autocast(device):
-            hidden = model(src, tgt_in)
-            real = tgt_out != PAD
-            loss, nll = label_smoothed_nll(model.logits(hidden[real]), tgt_out[real], config.train.label_smoothing)
-        loss_sum, nll_sum, tokens = loss_sum + loss.item(), nll_sum + nll.item(), tokens + real.sum().item()
-    count = config.train.valid_sentences or len(corpus.src)
-    sources = corpus.src[:count]
-    decode = config.decode
+        loss, nll, counts = batch_loss(model, corpus.batch(batch), config.train.label_smoothing, device)
+        loss_sum, nll_sum, tokens = loss_sum + loss.item(), nll_sum + nll.item(), tokens + counts.target_tokens
+    sources = corpus.src[: config.train.valid_sentences or len(corpus.src)]
+    d = config.decode
 
-    def search(src):
-        return [[h] for h in greedy_search(model, src, decode.max_len_a, decode.max_len_b, decode.length_penalty)]
+    def greedy(src):
+        return search(model, src, 1, d.length_penalty, d.max_len_a, d.max_len_b)
 
-    hyps = [
-        tokenizer.decode_tgt([best[0].tokens])[0] for best in decode_batches(sources, search, decode.max_tokens, device)
-    ]
+    best = [found[0].tokens for found in decode_batches(sources, greedy, d.max_tokens, device)]
+    hyps = tokenizer.decode_tgt(best)
     scores = corpus_scores(hyps, refs[: len(hyps)])
     return {
         "valid_loss": loss_sum / tokens,
@@ -188,10 +196,11 @@ def train(config: Config) -> Path:
 
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.joint).to(device)
     optimizer = build_optimizer(model, t)
+    fingerprint = tokenizer.fingerprint()
     step, epoch, best_bleu = 0, 0, -math.inf
     if (run_dir / LAST).is_file():
         state = load_checkpoint(run_dir / LAST, device)
-        if state.get("tokenizer") != tokenizer.fingerprint():
+        if state.get("tokenizer") != fingerprint:
             raise CheckpointError(f"{run_dir / LAST}: trained with a different tokenizer than {run_dir}'s")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -207,7 +216,6 @@ def train(config: Config) -> Path:
         device,
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    fingerprint = tokenizer.fingerprint()
     vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
 
     def save(valid_scores: dict[str, float]) -> None:
@@ -227,7 +235,7 @@ def train(config: Config) -> Path:
         ) or time.monotonic() - start + validation_seconds >= budget
 
     validation_seconds = 0.0
-    window_tokens, window_src_tokens, window_loss, window_padded, window_start = 0, 0, 0.0, 0, time.monotonic()
+    window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()  # totals since the last metrics line
     stop = out_of_budget() or (t.max_epochs is not None and epoch >= t.max_epochs)
     while not stop:
         epoch += 1
@@ -236,22 +244,19 @@ def train(config: Config) -> Path:
         bar = tqdm(updates, desc=f"epoch {epoch}", unit="update", disable=None, dynamic_ncols=True)
         for update in bar:
             lr = inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps)
-            stats = train_step(model, optimizer, [corpus.batch(b) for b in update], lr, t, device)
+            window.add(train_step(model, optimizer, [corpus.batch(b) for b in update], lr, t, device))
             step += 1
-            window_loss += stats.loss_sum
-            window_tokens += stats.target_tokens
-            window_src_tokens += stats.source_tokens
-            window_padded += stats.padded_tokens
             if step % t.log_every == 0:
                 seconds = time.monotonic() - window_start
+                real_tokens = window.target_tokens + window.source_tokens
                 record = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": window_loss / window_tokens,
+                    "loss": window.loss_sum / window.target_tokens,
                     "lr": lr,
-                    "tgt_tokens_per_s": window_tokens / seconds,
-                    "tokens_per_s": (window_tokens + window_src_tokens) / seconds,
-                    "padding": 1 - (window_tokens + window_src_tokens) / max(1, window_padded),
+                    "tgt_tokens_per_s": window.target_tokens / seconds,
+                    "tokens_per_s": real_tokens / seconds,
+                    "padding": 1 - real_tokens / max(1, window.padded_tokens),
                     "elapsed": time.monotonic() - start,
                 }
                 metrics.write(**record)
@@ -265,13 +270,7 @@ def train(config: Config) -> Path:
                         lr,
                         record["tgt_tokens_per_s"],
                     )
-                window_tokens, window_src_tokens, window_loss, window_padded, window_start = (
-                    0,
-                    0,
-                    0.0,
-                    0,
-                    time.monotonic(),
-                )
+                window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()
             if out_of_budget():
                 stop = True
                 break

@@ -18,7 +18,7 @@ from mt.config import Config, load_config
 from mt.device import autocast, pick_device
 from mt.errors import CheckpointError
 from mt.model import Transformer, build_model
-from mt.search import Hypothesis, beam_search, greedy_search
+from mt.search import Hypothesis, search
 from mt.tokenizer import EOS, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,19 +84,6 @@ class Translator:
         self.model = load_model(run_dir, self.config, self.tokenizer, self.device, checkpoint)
         self.max_source = self.model.positions.size(0) - 1
 
-    def _search(self, beam: int, length_penalty: float, nbest: int, use_cache: bool, no_repeat_ngram: int):
-        d = self.config.decode
-        if beam == 1:
-            return lambda src: [
-                [h]
-                for h in greedy_search(
-                    self.model, src, d.max_len_a, d.max_len_b, length_penalty, use_cache, no_repeat_ngram
-                )
-            ]
-        return lambda src: beam_search(
-            self.model, src, beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache, no_repeat_ngram
-        )
-
     def translate_ids(
         self,
         sources: list[list[int]],
@@ -114,9 +101,11 @@ class Translator:
         beam = d.beam if beam is None else beam
         length_penalty = d.length_penalty if length_penalty is None else length_penalty
         no_repeat_ngram = d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
-        search = self._search(beam, length_penalty, nbest, use_cache, no_repeat_ngram)
+        settings = (beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache, no_repeat_ngram)
         # decode.max_tokens bounds decoder rows: source pieces times beam size
-        return decode_batches(sources, search, max(1, d.max_tokens // beam), self.device)
+        return decode_batches(
+            sources, lambda src: search(self.model, src, *settings), max(1, d.max_tokens // beam), self.device
+        )
 
     def translate(
         self,
