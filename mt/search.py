@@ -161,7 +161,7 @@ def beam_search(
             eos = log_probs[at_limit, :, EOS]
             log_probs[at_limit] = -torch.inf
             log_probs[at_limit, :, EOS] = eos
-        candidates = (scores[:, :, None] + log_probs).view(n, open_per_sentence * vocab)
+        candidates = log_probs.add_(scores[:, :, None]).view(n, open_per_sentence * vocab)  # in place: R x V floats
         top_scores, top_index = candidates.topk(min(2 * k, candidates.size(1)), dim=1)  # (n, 2K)
         top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = top_token == EOS
