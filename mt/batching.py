@@ -2,39 +2,44 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mt.tokenizer import BOS, EOS, PAD
 
+_CHUNK = 1 << 16  # lengths turned into Python ints at a time while packing batches
+
 
 def make_batches(
-    src_lengths: Sequence[int], tgt_lengths: Sequence[int], max_tokens: int, seed: int | None = None
-) -> list[list[int]]:
+    src_lengths: Sequence[int] | np.ndarray,
+    tgt_lengths: Sequence[int] | np.ndarray,
+    max_tokens: int,
+    seed: int | None = None,
+) -> list[np.ndarray]:
     """Group pair indices so that `batch size * longest sequence` stays within `max_tokens` on each side.
 
     Pairs are sorted by (source, target) length; with a seed, ties are broken randomly and the
     batch order is shuffled, so each epoch sees different batches of similar-length pairs.
-    A single pair longer than `max_tokens` gets a batch of its own.
+    A single pair longer than `max_tokens` gets a batch of its own. Each batch is an int64 array
+    of indices (views into one sorted order, so millions of pairs cost a few bytes each).
     """
-    order = list(range(len(src_lengths)))
-    rng = random.Random(seed) if seed is not None else None
-    if rng is not None:
-        rng.shuffle(order)
-    order.sort(key=lambda i: (src_lengths[i], tgt_lengths[i]))
-    batches, current, longest = [], [], 0
-    for index in order:
-        length = max(src_lengths[index], tgt_lengths[index])
-        if current and (len(current) + 1) * max(longest, length) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(index)
-        longest = max(longest, length)
-    if current:
-        batches.append(current)
+    src, tgt = np.asarray(src_lengths, dtype=np.int64), np.asarray(tgt_lengths, dtype=np.int64)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    order = rng.permutation(len(src)) if rng is not None else np.arange(len(src))
+    order = order[np.lexsort((tgt[order], src[order]))]  # a stable sort: equal lengths keep the random order
+    longest_in_order = np.maximum(src, tgt)[order]
+    boundaries, count, longest = [], 0, 0
+    for start in range(0, len(order), _CHUNK):
+        for position, length in enumerate(longest_in_order[start : start + _CHUNK].tolist(), start):
+            if count and (count + 1) * max(longest, length) > max_tokens:
+                boundaries.append(position)
+                count, longest = 0, 0
+            count += 1
+            longest = max(longest, length)
+    batches = np.split(order, boundaries) if len(order) else []
     if rng is not None:
         rng.shuffle(batches)
     return batches

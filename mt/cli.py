@@ -111,10 +111,14 @@ def train(
     max_epochs: int | None = typer.Option(None, help="Stop after this many epochs."),
     max_steps: int | None = typer.Option(None, help="Stop after this many updates."),
     max_time: str | None = typer.Option(None, help="Stop after this wall-clock time, e.g. 20m, 1h30m."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (eager where unsupported)."),
 ) -> None:
     """Train a model; the run directory (train.run_dir) gets config, tokenizer, checkpoints, metrics.
 
     Example: mt train configs/multi30k_de_en.yaml --max-time 20m --set train.lr=5e-4
+
+    On several GPUs or machines, start it with torchrun (DistributedDataParallel):
+    torchrun --nproc-per-node 4 -m mt train configs/multi30k_de_en.yaml
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -122,6 +126,8 @@ def train(
     from mt.train import train as run_training
 
     overrides = list(set_)
+    if compile:
+        overrides.append("train.compile=true")
     for key, value in (("max_epochs", max_epochs), ("max_steps", max_steps), ("max_time", max_time)):
         if value is not None:
             overrides.append(f"train.{key}={value}")

@@ -72,6 +72,8 @@ class TrainConfig:
     max_time: str | None = None  # wall-clock budget such as "20m", "1h30m", "90s"
     valid_sentences: int = 500  # greedy BLEU on this many validation sentences (0 = all)
     log_every: int = 50  # steps between metrics-log lines
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
 
 
 @dataclass

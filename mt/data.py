@@ -9,7 +9,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from mt.checkpoint import atomic_write_text
@@ -42,15 +44,14 @@ def _open_text(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
-    """All lines of a UTF-8 text file (optionally .gz), newline stripped.
+def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
+    """The lines of a UTF-8 text file (optionally .gz), newline stripped, read as a stream.
 
     Invalid UTF-8 raises DataError naming the line unless `errors="replace"`.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    lines = []
     try:
         with _open_text(path) as handle:
             for number, raw in enumerate(handle, 1):
@@ -58,10 +59,14 @@ def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
                     text = raw.decode("utf-8", errors=errors)
                 except UnicodeDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
-                lines.append(text.rstrip("\r\n"))
+                yield text.rstrip("\r\n")
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
-    return lines
+
+
+def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
+    """All lines of a UTF-8 text file (optionally .gz); see `iter_lines`."""
+    return list(iter_lines(path, errors))
 
 
 def read_tsv(path: str | Path, errors: str = "strict") -> tuple[list[str], list[str]]:
@@ -94,7 +99,7 @@ def align(src: list[str], tgt: list[str], src_name: str, tgt_name: str) -> tuple
     return kept_src, kept_tgt, len(src) - len(kept_src)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -142,7 +147,7 @@ def write_corpus(
         for lang, lines in ((src_lang, src), (tgt_lang, tgt)):
             path = out / f"{split}.{lang}"
             atomic_write_text(path, "".join(line + "\n" for line in lines))
-            record["sha256"][lang] = _sha256(path)
+            record["sha256"][lang] = file_sha256(path)
         record["source"] = source
         manifest["splits"][split] = record
         reports[split] = SplitReport(record["pairs"], record["dropped_empty"])
@@ -278,12 +283,27 @@ def corpus_files(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     return paths
 
 
+def iter_pairs(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
+    """Stream the aligned, non-empty sentence pairs of two line-aligned files (as `align` keeps them)."""
+    missing = object()
+    dropped = 0
+    for number, (s, t) in enumerate(zip_longest(iter_lines(src_path), iter_lines(tgt_path), fillvalue=missing), 1):
+        if s is missing or t is missing:
+            short, long_ = (src_path, tgt_path) if s is missing else (tgt_path, src_path)
+            raise DataError(f"{short} ends at line {number - 1} but {long_} goes on: the files are not aligned")
+        s, t = _clean(s), _clean(t)
+        if s and t:
+            yield s, t
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("%s: skipped %d pairs with an empty side", src_path.parent, dropped)
+
+
 def load_parallel(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
     """The aligned sentence pairs of one split written by `write_corpus`."""
     src_path, tgt_path = corpus_files(data_dir, split, src_lang, tgt_lang)
-    src, tgt, dropped = align(read_lines(src_path), read_lines(tgt_path), str(src_path), str(tgt_path))
-    if dropped:
-        log.warning("%s: skipped %d pairs with an empty side", src_path.parent, dropped)
-    if not src:
+    pairs = list(iter_pairs(src_path, tgt_path))
+    if not pairs:
         raise DataError(f"{src_path}: no sentence pairs")
-    return src, tgt
+    return [s for s, _ in pairs], [t for _, t in pairs]

@@ -136,7 +136,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+        # in place: the ReLU backward needs only its output, so fc1's output need not be kept as well
+        return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
 
 
 class Residual(nn.Module):
@@ -281,10 +282,14 @@ class Transformer(nn.Module):
             x, _ = layer(x, self_mask, layer.cross_attn.memory_keys(memory), memory_mask)
         return self.decoder_norm(x)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """(V, D): the output projection (the target embedding when tied)."""
+        return self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
+
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""
-        weight = self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder hidden states (B, T, D).
@@ -297,8 +302,7 @@ class Transformer(nn.Module):
     def start_decoding(self, memory: Tensor, memory_mask: Tensor, use_cache: bool = True) -> DecoderState:
         cross_kv = [layer.cross_attn.memory_keys(memory) for layer in self.decoder] if use_cache else []
         self_kv = [None for _ in self.decoder] if use_cache else None
-        weight = self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
-        return DecoderState(memory, memory_mask, cross_kv, self_kv, weight.t().contiguous())
+        return DecoderState(memory, memory_mask, cross_kv, self_kv, self.output_weight.t().contiguous())
 
     def step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """Next-token logits: prefix (B*K, t) holds every token so far (BOS first) -> (B*K, V).

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
 
 from mt.checkpoint import atomic_write
 from mt.config import TokenizerConfig
+from mt.data import iter_pairs
 from mt.errors import CheckpointError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -23,7 +25,7 @@ JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
 log = logging.getLogger(__name__)
 
 
-def train_sentencepiece(sentences: list[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
+def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -111,20 +113,19 @@ def load_tokenizer(run_dir: Path, joint: bool) -> Tokenizer:
     return Tokenizer(*tokenizer_files(Path(run_dir), joint))
 
 
-def prepare_tokenizer(run_dir: Path, config: TokenizerConfig, src: list[str], tgt: list[str]) -> Tokenizer:
-    """Load the run directory's tokenizer, training it on the training corpus first if it has none."""
-    src_path, tgt_path = tokenizer_files(Path(run_dir), config.joint)
-    if config.joint and not src_path.is_file():
-        log.info(
-            "training joint SentencePiece %s model (%d pieces) on %d sentences",
-            config.type,
-            config.vocab_size,
-            len(src) + len(tgt),
-        )
-        train_sentencepiece(src + tgt, src_path, config)
+def prepare_tokenizer(run_dir: Path, config: TokenizerConfig, src_path: Path, tgt_path: Path) -> Tokenizer:
+    """Load the run directory's tokenizer, training it on the training corpus first if it has none.
+
+    The corpus is streamed; SentencePiece keeps a random sample of `max_sentences` sentences.
+    """
+    src_model, tgt_model = tokenizer_files(Path(run_dir), config.joint)
+    if config.joint and not src_model.is_file():
+        log.info("training joint SentencePiece %s model (%d pieces)", config.type, config.vocab_size)
+        both = (line for pair in iter_pairs(src_path, tgt_path) for line in pair)
+        train_sentencepiece(both, src_model, config)
     elif not config.joint:
-        for path, lines in ((src_path, src), (tgt_path, tgt)):
+        for side, path in enumerate((src_model, tgt_model)):
             if not path.is_file():
-                log.info("training SentencePiece %s model %s on %d sentences", config.type, path.name, len(lines))
-                train_sentencepiece(lines, path, config)
-    return Tokenizer(src_path, tgt_path)
+                log.info("training SentencePiece %s model %s", config.type, path.name)
+                train_sentencepiece((pair[side] for pair in iter_pairs(src_path, tgt_path)), path, config)
+    return Tokenizer(src_model, tgt_model)

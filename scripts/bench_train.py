@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt.batching import make_batches  # noqa: E402
 from mt.config import load_config  # noqa: E402
-from mt.data import load_parallel  # noqa: E402
+from mt.corpus_cache import prepare_corpus  # noqa: E402
+from mt.data import corpus_files  # noqa: E402
 from mt.device import pick_device  # noqa: E402
 from mt.model import Transformer, build_model  # noqa: E402
-from mt.optim import build_optimizer, inverse_sqrt_lr  # noqa: E402
+from mt.optim import inverse_sqrt_lr  # noqa: E402
 from mt.tokenizer import prepare_tokenizer, tokenizer_files  # noqa: E402
-from mt.train import encode_corpus, train_step  # noqa: E402
+from mt.train import make_trainer  # noqa: E402
 
 
 def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -70,22 +71,30 @@ def main() -> None:
     t = config.train
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
-    src, tgt = load_parallel(config.data.dir, config.data.train, config.data.src, config.data.tgt)
+    files = corpus_files(config.data.dir, config.data.train, config.data.src, config.data.tgt)
     run_dir = Path(t.run_dir)
     with tempfile.TemporaryDirectory() as scratch:
         # reuse the run directory's tokenizer when it has one; never write into it
         has_tokenizer = tokenizer_files(run_dir, config.tokenizer.joint)[0].is_file()
-        tokenizer = prepare_tokenizer(run_dir if has_tokenizer else Path(scratch), config.tokenizer, src, tgt)
-        corpus, _ = encode_corpus(tokenizer, src, tgt, config.data.max_length)
+        tokenizer = prepare_tokenizer(run_dir if has_tokenizer else Path(scratch), config.tokenizer, *files)
+        corpus = prepare_corpus(Path(scratch), "train", *files, tokenizer, config.data.max_length)
+        return run(args, config, tokenizer, corpus, device)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(args, config, tokenizer, corpus, device) -> None:
+    t = config.train
+    preparation_rss = peak_rss_mb()
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.joint).to(device)
-    optimizer = build_optimizer(model, t)
+    trainer = make_trainer(model, t, device)
     batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed)
     peak = matmul_peak_gflops(device)
 
     for step in range(args.warmup):
-        train_step(
-            model, optimizer, [corpus.batch(batches[step])], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device
-        )
+        trainer.step([corpus.batch(batches[step])], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
     totals = {"src": 0, "tgt": 0, "padded": 0, "flops": 0.0, "sentences": 0}
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,7 +102,7 @@ def main() -> None:
     for step in range(args.warmup, args.warmup + args.steps):
         indices = batches[step % len(batches)]
         batch = corpus.batch(indices)
-        stats = train_step(model, optimizer, [batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps), t, device)
+        stats = trainer.step([batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
         totals["src"] += stats.source_tokens
         totals["tgt"] += stats.target_tokens
         totals["padded"] += stats.padded_tokens
@@ -112,7 +121,7 @@ def main() -> None:
     print(f"padding waste            {1 - real / totals['padded']:.1%} of batch positions")
     print(f"tokens/s (src+tgt)       {real / seconds:,.0f}")
     print(f"target tokens/s          {totals['tgt'] / seconds:,.0f}")
-    print(f"peak RSS                 {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    print(f"peak RSS                 {peak_rss_mb():,.0f} MB (after data preparation: {preparation_rss:,.0f} MB)")
     if device.type == "cuda":
         print(f"peak CUDA memory         {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB")
     print(f"matmul peak (measured)   {peak:,.0f} GFLOP/s fp32")

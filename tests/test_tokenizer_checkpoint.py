@@ -12,9 +12,17 @@ SRC = [f"der kleine hund {i} läuft über die wiese" for i in range(200)]
 TGT = [f"the small dog {i} runs across the meadow" for i in range(200)]
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    src, tgt = tmp_path / "train.de", tmp_path / "train.en"
+    src.write_text("\n".join(SRC) + "\n")
+    tgt.write_text("\n".join(TGT) + "\n")
+    return src, tgt
+
+
 @pytest.mark.parametrize("kind", ["unigram", "bpe"])
-def test_joint_tokenizer_round_trip_and_special_ids(tmp_path, kind):
-    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(type=kind, vocab_size=60), SRC, TGT)
+def test_joint_tokenizer_round_trip_and_special_ids(tmp_path, corpus, kind):
+    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(type=kind, vocab_size=60), *corpus)
     assert tokenizer.joint and (tmp_path / "spm.model").is_file()
     processor = tokenizer.src
     assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (PAD, UNK, BOS, EOS)
@@ -23,14 +31,14 @@ def test_joint_tokenizer_round_trip_and_special_ids(tmp_path, kind):
     assert all(i > EOS for i in ids[0])
 
 
-def test_separate_vocabularies(tmp_path):
-    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), SRC, TGT)
+def test_separate_vocabularies(tmp_path, corpus):
+    tokenizer = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), *corpus)
     assert not tokenizer.joint
     assert (tmp_path / "spm.src.model").is_file() and (tmp_path / "spm.tgt.model").is_file()
     # German-only characters are in the source vocabulary and unknown to the target one
     assert tokenizer.src.piece_to_id("ü") != UNK and tokenizer.tgt.piece_to_id("ü") == UNK
     before = tokenizer.fingerprint()
-    again = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), SRC, TGT)
+    again = prepare_tokenizer(tmp_path, TokenizerConfig(vocab_size=40, joint=False), *corpus)
     assert again.fingerprint() == before  # an existing tokenizer is reused, not retrained
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,13 +18,14 @@ def test_batches_cover_every_pair_once_within_the_token_bound():
     assert sorted(i for b in batches for i in b) == list(range(500))
     for batch in batches:
         assert len(batch) * max(max(src[i], tgt[i]) for i in batch) <= 300
-    assert make_batches(src, tgt, 300, seed=3) == batches
-    assert make_batches(src, tgt, 300, seed=4) != batches
+    as_lists = [b.tolist() for b in batches]
+    assert [b.tolist() for b in make_batches(src, tgt, 300, seed=3)] == as_lists
+    assert [b.tolist() for b in make_batches(src, tgt, 300, seed=4)] != as_lists
 
 
 def test_an_overlong_pair_gets_its_own_batch():
     batches = make_batches([5, 500, 5], [5, 5, 5], max_tokens=100)
-    assert [1] in batches
+    assert [1] in [b.tolist() for b in batches]
 
 
 def test_collate_adds_bos_eos_and_pads_right():
@@ -50,7 +52,8 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
     """A 4-way split of one batch, accumulated, equals the batch itself (update_freq)."""
     from conftest import tiny_model
 
-    from mt.train import accumulate_gradients
+    from mt.config import TrainConfig
+    from mt.train import make_trainer
 
     generator = torch.Generator().manual_seed(0)
     pairs = [
@@ -61,12 +64,11 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
         for n, m in zip(range(3, 19), range(18, 2, -1))
     ]
     model = tiny_model()
+    trainer = make_trainer(model, TrainConfig(label_smoothing=0.1), torch.device("cpu"))
 
     def gradients(groups):
         model.zero_grad()
-        stats = accumulate_gradients(
-            model, [collate([p[0] for p in g], [p[1] for p in g]) for g in groups], 0.1, torch.device("cpu")
-        )
+        stats = trainer.accumulate_gradients([collate([p[0] for p in g], [p[1] for p in g]) for g in groups])
         return [p.grad.clone() for p in model.parameters()], stats
 
     whole, whole_stats = gradients([pairs])
@@ -75,3 +77,24 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient():
     assert math.isclose(whole_stats.loss_sum, split_stats.loss_sum, rel_tol=1e-5)
     for a, b in zip(whole, split):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_projected_loss_equals_the_plain_one_in_value_and_gradient(monkeypatch, smoothing):
+    from mt import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 50)  # several chunks of 7 rows, the last one partial
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    fused, fused_nll = loss.projected_label_smoothed_nll(hidden, weight, targets, smoothing)
+    (fused * 0.5).backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain, plain_nll = label_smoothed_nll(F.linear(hidden, weight), targets, smoothing)
+    (plain * 0.5).backward()
+    assert torch.allclose(fused, plain, rtol=1e-5) and torch.allclose(fused_nll, plain_nll, rtol=1e-5)
+    assert torch.allclose(fused_grads[0], hidden.grad, atol=1e-5)
+    assert torch.allclose(fused_grads[1], weight.grad, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loss.projected_label_smoothed_nll(hidden, weight, targets, smoothing)[0], plain)

@@ -1,0 +1,185 @@
+"""Training corpora encoded once into token-id files that training reads through numpy memmaps.
+
+`RUN_DIR/cache/{split}.src.bin` and `.tgt.bin` hold the piece ids of every kept pair back to
+back (uint16 when the vocabulary fits, int32 otherwise); `{split}.lengths.npy` holds the
+(pairs, 2) piece counts; `{split}.json` records checksums of the text files and of the tokenizer
+they were encoded with. A later run (a resume, a second run in the same directory) reuses the
+files when those checksums still match, and encodes again when the corpus or tokenizer changed.
+Resident memory stays at a few bytes per pair however large the corpus: the ids stay on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+from collections.abc import Iterator
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mt.checkpoint import atomic_write, atomic_write_text
+from mt.data import file_sha256, iter_pairs
+from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHUNK_PAIRS = 20_000  # pairs per SentencePiece call: big enough for its threads, small in memory
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (src, tgt_in, tgt_out), padded
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class EncodedCorpus:
+    """One split's pairs as memory-mapped piece ids (without BOS/EOS) and their lengths."""
+
+    def __init__(self, cache_dir: Path, split: str):
+        meta = json.loads((cache_dir / f"{split}.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        lengths = np.load(cache_dir / f"{split}.lengths.npy")
+        self.src_piece_counts, self.tgt_piece_counts = lengths[:, 0], lengths[:, 1]
+        self.src_offsets = np.concatenate([[0], np.cumsum(self.src_piece_counts, dtype=np.int64)])
+        self.tgt_offsets = np.concatenate([[0], np.cumsum(self.tgt_piece_counts, dtype=np.int64)])
+        self.src_ids = self._map(cache_dir / f"{split}.src.bin", dtype)
+        self.tgt_ids = self._map(cache_dir / f"{split}.tgt.bin", dtype)
+
+    @staticmethod
+    def _map(path: Path, dtype: np.dtype) -> np.ndarray:
+        # np.memmap refuses empty files; a corpus always has pieces, but keep the error clear
+        return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+    def __len__(self) -> int:
+        return len(self.src_piece_counts)
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        return self.src_piece_counts + 1  # + EOS
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        return self.tgt_piece_counts + 1  # + BOS or EOS
+
+    def src_sentence(self, index: int) -> list[int]:
+        return self.src_ids[self.src_offsets[index] : self.src_offsets[index + 1]].tolist()
+
+    def tgt_sentence(self, index: int) -> list[int]:
+        return self.tgt_ids[self.tgt_offsets[index] : self.tgt_offsets[index + 1]].tolist()
+
+    def batch(self, indices: np.ndarray | list[int]) -> Batch:
+        """Padded (src `ids EOS`, tgt_in `BOS ids`, tgt_out `ids EOS`) tensors of the pairs at `indices`."""
+        indices = np.asarray(indices)
+        src = self._padded(self.src_ids, self.src_offsets, indices, shift=0)
+        tgt_out = self._padded(self.tgt_ids, self.tgt_offsets, indices, shift=0)
+        tgt_in = self._padded(self.tgt_ids, self.tgt_offsets, indices, shift=1)
+        rows = np.arange(len(indices))
+        src[rows, self.src_piece_counts[indices]] = EOS
+        tgt_out[rows, self.tgt_piece_counts[indices]] = EOS
+        tgt_in[:, 0] = BOS
+        return torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
+
+    @staticmethod
+    def _padded(ids: np.ndarray, offsets: np.ndarray, indices: np.ndarray, shift: int) -> np.ndarray:
+        """(B, longest + 1) int64 of PAD with each row's ids copied in from column `shift`."""
+        starts, ends = offsets[indices], offsets[indices + 1]
+        out = np.full((len(indices), int((ends - starts).max()) + 1), PAD, dtype=np.int64)
+        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+            out[row, shift : shift + end - start] = ids[start:end]
+        return out
+
+    def release_pages(self) -> None:
+        """Drop the mapped pages from this process's resident set (they stay in the page cache)."""
+        for ids in (self.src_ids, self.tgt_ids):
+            mapping = getattr(ids, "_mmap", None)
+            if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    while chunk := list(islice(pairs, size)):
+        yield chunk
+
+
+def _cache_key(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None) -> dict:
+    return {
+        "format": FORMAT,
+        "src": str(src_path),
+        "src_sha256": file_sha256(src_path),
+        "tgt": str(tgt_path),
+        "tgt_sha256": file_sha256(tgt_path),
+        "tokenizer": tokenizer.fingerprint(),
+        "max_length": max_length,
+    }
+
+
+def prepare_corpus(
+    cache_dir: Path, split: str, src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None
+) -> EncodedCorpus:
+    """Encode a split into `cache_dir` (or reuse the files there when nothing changed) and map it.
+
+    Pairs with more than `max_length` pieces on either side are left out and counted. Every file
+    is written to a temporary name and renamed; `{split}.json` is written last, so an interrupted
+    encoding is never mistaken for a finished one.
+    """
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / f"{split}.json"
+    key = _cache_key(src_path, tgt_path, tokenizer, max_length)
+    if meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()).get("key") == key:
+                log.info("%s: reusing the encoded %s corpus (same files and tokenizer)", cache_dir, split)
+                return EncodedCorpus(cache_dir, split)
+        except (OSError, ValueError):
+            pass  # unreadable: encode again
+        log.info("%s: the %s corpus or tokenizer changed; encoding it again", cache_dir, split)
+        meta_path.unlink()
+
+    largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
+    lengths: list[np.ndarray] = []
+    skipped = 0
+    threads = _cpu_count()
+
+    def encode(src_handle, tgt_handle) -> None:
+        nonlocal skipped
+        bar = tqdm(desc=f"encoding {split}", unit=" pairs", unit_scale=True, disable=None, leave=False)
+        for chunk in _chunks(iter_pairs(src_path, tgt_path), CHUNK_PAIRS):
+            src_ids = tokenizer.encode_src([s for s, _ in chunk], threads)
+            tgt_ids = tokenizer.encode_tgt([t for _, t in chunk], threads)
+            counts = np.array([(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)], dtype=np.int32)
+            keep = np.ones(len(chunk), dtype=bool) if max_length is None else (counts < max_length).all(axis=1)
+            skipped += int((~keep).sum())
+            kept = keep.tolist()
+            for handle, ids in ((src_handle, src_ids), (tgt_handle, tgt_ids)):
+                flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
+                handle.write(np.fromiter(flat, dtype=dtype).tobytes())
+            lengths.append(counts[keep])
+            bar.update(len(chunk))
+        bar.close()
+
+    def write_both(src_handle) -> None:
+        atomic_write(cache_dir / f"{split}.tgt.bin", lambda tgt_handle: encode(src_handle, tgt_handle))
+
+    atomic_write(cache_dir / f"{split}.src.bin", write_both)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), dtype=np.int32)
+    atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, all_lengths))
+    if skipped:
+        log.warning("%s: left out %d pairs longer than data.max_length=%d pieces", src_path, skipped, max_length)
+    meta = {"key": key, "dtype": dtype.name, "pairs": len(all_lengths), "skipped": skipped}
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    log.info(
+        "%s: encoded %d %s pairs (%d + %d pieces)",
+        cache_dir,
+        len(all_lengths),
+        split,
+        int(all_lengths[:, 0].sum()),
+        int(all_lengths[:, 1].sum()),
+    )
+    return EncodedCorpus(cache_dir, split)

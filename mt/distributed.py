@@ -1,0 +1,92 @@
+"""Data-parallel training with PyTorch's own engine: `torchrun` starts the processes, this module
+joins them into a process group (NCCL on GPUs, gloo on CPUs) and offers the few collectives the
+training loop needs. Without torchrun (no WORLD_SIZE in the environment) everything is a no-op.
+
+    torchrun --nproc-per-node 4 -m mt train CONFIG
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m mt train CONFIG
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mt.device import pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs, metrics and progress bars, and validates."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
+    """Join the process group torchrun describes in the environment; pick this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), pick_device(device_name)
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    log.info("rank %d of %d (local rank %d) on %s, backend %s", world.rank, size, world.local_rank, device, backend)
+    return world, device
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def sum_over_ranks(world: World, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` across ranks (one collective for the whole list)."""
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(world: World, flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks stop together)."""
+    return sum_over_ranks(world, [float(flag)], device)[0] > 0
+
+
+def check_replicas(world: World, model: nn.Module, device: torch.device) -> float:
+    """Largest difference between any rank's parameters and rank 0's; raises if they diverged."""
+    if not world.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    difference = torch.tensor([(flat - reference).abs().max().item()], device=device)
+    dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+    if difference.item() > 0:
+        raise RuntimeError(f"data-parallel replicas diverged: parameters differ by up to {difference.item():.3g}")
+    return difference.item()
