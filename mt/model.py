@@ -78,11 +78,16 @@ def _append(cached: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection."""
+    """Multi-head self-attention with a fused q/k/v projection.
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    `causal` (the decoder's): with no explicit mask, each position sees itself and earlier ones.
+    Padding is on the right, so a causal mask alone already keeps real positions from padded
+    keys; leaving out the padding mask lets SDPA use its causal kernels (flash attention on GPUs).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = False):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.qkv_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -99,7 +104,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = _append(cache[0], k, cache_rows), _append(cache[1], v, cache_rows)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        causal = self.causal and mask is None and cache is None  # a cached step sees all earlier positions
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         return self.out_proj(_merge_heads(out)), (k, v)
 
 
@@ -174,7 +180,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         pre = c.norm == "pre"
-        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout)
+        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout, causal=True)
         self.cross_attn = CrossAttention(c.d_model, c.heads, c.attention_dropout)
         self.ffn = FeedForward(c.d_model, c.ffn_dim, c.activation_dropout)
         self.self_block, self.cross_block, self.ffn_block = (Residual(c.d_model, c.dropout, pre) for _ in range(3))
@@ -188,7 +194,7 @@ class DecoderLayer(nn.Module):
         cache: KeyValue | None = None,
         cache_rows: Tensor | None = None,
     ) -> tuple[Tensor, KeyValue]:
-        """x (B*K, T, D); self_mask (B*K, 1, T, T) or None when decoding one cached step."""
+        """x (B*K, T, D); self_mask (B*K, 1, T, T), or None: causal (or one cached step)."""
         attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache, cache_rows)
         x = self.self_block.add(x, attended)
         x = self.cross_block.add(x, self.cross_attn(self.cross_block.sublayer_input(x), memory_kv, memory_mask))
@@ -276,10 +282,10 @@ class Transformer(nn.Module):
 
     def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
         """Whole-sequence decoder: tgt_in (B*K, T) ids (BOS first) -> hidden states (B*K, T, D)."""
-        self_mask = decoder_self_mask(tgt_in)
         x = self._embed(tgt_in, self.tgt_embed)
         for layer in self.decoder:
-            x, _ = layer(x, self_mask, layer.cross_attn.memory_keys(memory), memory_mask)
+            # causal attention without a padding mask: padded positions come last (see SelfAttention)
+            x, _ = layer(x, None, layer.cross_attn.memory_keys(memory), memory_mask)
         return self.decoder_norm(x)
 
     @property

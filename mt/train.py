@@ -130,7 +130,10 @@ def make_trainer(model: Transformer, config: TrainConfig, device: torch.device, 
     optimizer = build_optimizer(model, config)
     objective: torch.nn.Module = TranslationLoss(model, config.label_smoothing)
     if world.distributed:
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # the only buffer is the constant position table: no need to broadcast it every step
+        objective = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if config.compile:
         objective = compile_or_eager(objective)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
@@ -143,7 +146,7 @@ def compile_or_eager(module: torch.nn.Module) -> torch.nn.Module:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True  # a failing graph falls back to eager, with a warning
-        return torch.compile(module)
+        return torch.compile(module, dynamic=True)  # batch shapes vary: one graph for all of them
     except Exception as exc:  # noqa: BLE001 - any failure to set up compilation means: run eagerly
         log.warning("torch.compile unavailable (%s); training without it", exc)
         return module

@@ -59,6 +59,10 @@ def test_self_attention_matches_torch_multihead_attention():
     ref_out, _ = reference(x, x, x, attn_mask=~causal_mask(7), key_padding_mask=~padding_mask(tokens))
     real = padding_mask(tokens)
     assert torch.allclose(ours_out[real], ref_out[real], atol=1e-5)
+    # the decoder's causal attention needs no padding mask for its real positions
+    ours.causal = True
+    causal_out, _ = ours(x, None)
+    assert torch.allclose(causal_out[real], ref_out[real], atol=1e-5)
 
 
 def test_cross_attention_matches_torch_multihead_attention():
