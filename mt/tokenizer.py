@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -17,7 +17,7 @@ import sentencepiece as spm
 from mt.checkpoint import atomic_write
 from mt.config import TokenizerConfig
 from mt.data import iter_pairs
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, DataError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
@@ -27,8 +27,17 @@ log = logging.getLogger(__name__)
 
 def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
     model = io.BytesIO()
+    failures: list[Exception] = []
+
+    def guarded() -> Iterator[str]:
+        # SentencePiece turns an exception inside its iterator into an opaque RuntimeError
+        try:
+            yield from sentences
+        except DataError as exc:
+            failures.append(exc)
+
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
+        sentence_iterator=guarded(),
         model_writer=model,
         model_type=config.type,
         vocab_size=config.vocab_size,
@@ -44,6 +53,8 @@ def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerC
         num_threads=threads,
         minloglevel=2,
     )
+    if failures:
+        raise failures[0]
     atomic_write(path, lambda handle: handle.write(model.getvalue()))
 
 

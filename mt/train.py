@@ -214,6 +214,9 @@ def prepare_data(config: Config, run_dir: Path, world: World) -> tuple[Tokenizer
     train_files = corpus_files(d.dir, d.train, d.src, d.tgt)
     valid_files = corpus_files(d.dir, d.valid, d.src, d.tgt)
     cache = run_dir / CACHE_DIR
+    for src_path, tgt_path in (train_files, valid_files):
+        if next(iter_pairs(src_path, tgt_path), None) is None:
+            raise DataError(f"{src_path}: no sentence pairs")
     if world.is_main:
         tokenizer = prepare_tokenizer(run_dir, config.tokenizer, *train_files)
         train_corpus = prepare_corpus(cache, d.train, *train_files, tokenizer, d.max_length)
@@ -222,9 +225,8 @@ def prepare_data(config: Config, run_dir: Path, world: World) -> tuple[Tokenizer
     if not world.is_main:
         tokenizer = load_tokenizer(run_dir, config.tokenizer.joint)
         train_corpus, valid_corpus = EncodedCorpus(cache, d.train), EncodedCorpus(cache, d.valid)
-    for corpus, (path, _) in ((train_corpus, train_files), (valid_corpus, valid_files)):
-        if len(corpus) == 0:
-            raise DataError(f"{path}: no sentence pairs to train on")
+    if len(train_corpus) == 0:
+        raise DataError(f"{train_files[0]}: no pairs within data.max_length={d.max_length} pieces")
     return tokenizer, train_corpus, valid_corpus
 
 

@@ -167,6 +167,14 @@ def test_cli_error_paths(tmp_path):
     )
     assert "unknown corpus 'wmt99'" in _error("data", "fetch", "wmt99")
     assert "data/none/train.de: file not found" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
+    corpus = tmp_path / "data" / "none"
+    corpus.mkdir(parents=True)
+    for name, text in (("train.de", "a\nb\n"), ("train.en", "a\n"), ("valid.de", "a\n"), ("valid.en", "a\n")):
+        (corpus / name).write_text(text)
+    assert "train.en ends at line 1 but" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
+    (corpus / "train.de").write_text("\n \n")
+    (corpus / "train.en").write_text("x\n\n")
+    assert "train.de: no sentence pairs" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
 
 
 def _ok(tmp_path):
