@@ -298,12 +298,3 @@ def iter_pairs(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
             dropped += 1
     if dropped:
         log.warning("%s: skipped %d pairs with an empty side", src_path.parent, dropped)
-
-
-def load_parallel(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str]]:
-    """The aligned sentence pairs of one split written by `write_corpus`."""
-    src_path, tgt_path = corpus_files(data_dir, split, src_lang, tgt_lang)
-    pairs = list(iter_pairs(src_path, tgt_path))
-    if not pairs:
-        raise DataError(f"{src_path}: no sentence pairs")
-    return [s for s, _ in pairs], [t for _, t in pairs]

@@ -54,9 +54,9 @@ class _ProjectedLoss(torch.autograd.Function):
         for start in range(0, hidden.size(0), step):
             rows, target = hidden[start : start + step], targets[start : start + step, None]
             probs = F.linear(rows, weight).float().log_softmax(dim=-1)
-            nll = -probs.gather(1, target)
-            nll_sum += nll.sum()
-            loss_sum += (1 - smoothing) * nll.sum() - smoothing * probs.mean(dim=-1).sum()
+            nll = -probs.gather(1, target).sum()
+            nll_sum += nll
+            loss_sum += (1 - smoothing) * nll - smoothing * probs.mean(dim=-1).sum()
             probs = probs.exp_()  # in place: one (rows, V) buffer per chunk
             probs.sub_(smoothing / vocab).scatter_add_(1, target, probs.new_full(target.shape, smoothing - 1))
             grad_hidden[start : start + step] = probs.to(weight.dtype) @ weight

@@ -87,11 +87,12 @@ class Trainer:
         micro-batches on all ranks), so the result is the per-token mean over the update, as if it
         were one batch; DDP averages over ranks, hence the factor world size.
         """
-        local_targets = sum(int((tgt_out != PAD).sum()) for _, _, tgt_out in batches)
+        counts = [batch_counts(batch) for batch in batches]
+        local_targets = sum(c.target_tokens for c in counts)
         total_targets = sum_over_ranks(self.world, [local_targets], self.device)[0]
         stats = StepStats(0.0, 0, 0, 0)
         self.objective.train()
-        for index, batch in enumerate(batches):
+        for index, (batch, batch_stats) in enumerate(zip(batches, counts)):
             last = index == len(batches) - 1
             # DDP all-reduces gradients only after the last micro-batch of the update
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.objective.no_sync()
@@ -101,9 +102,8 @@ class Trainer:
                     loss_sum, _ = self.objective(src, tgt_in, tgt_out)
                 scaled = loss_sum * (self.world.size / total_targets)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            counts = batch_counts(batch)
-            counts.loss_sum = loss_sum.item()
-            stats.add(counts)
+            batch_stats.loss_sum = loss_sum.item()
+            stats.add(batch_stats)
         return stats
 
     def step(self, batches: list[Batch], lr: float) -> StepStats:
