@@ -1,6 +1,8 @@
 """The `mt` command line: parses arguments and calls one library function per command.
 
-Exit codes: 0 success, 2 bad input (a one-line message on stderr) or usage, 130 interrupted.
+Exit codes: 0 success (also a training run stopped by SIGINT/SIGTERM after saving a checkpoint),
+2 bad input or a failed run (a one-line message on stderr; `mt --debug ...` shows the traceback)
+or usage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ data_app = typer.Typer(help="Fetch or import parallel corpora into data/.", no_a
 app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mt")
+_options = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -37,7 +40,9 @@ def _version(value: bool) -> None:
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging details."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, not just its message."),
 ) -> None:
+    _options["debug"] = debug
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -106,7 +111,8 @@ def data_import(
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config, e.g. configs/multi30k_de_en.yaml."),
+    config: Path = typer.Argument(..., help="YAML config (configs/multi30k_de_en.yaml) or a run directory to resume."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run's newest checkpoint (an error if none)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable)."),
     max_epochs: int | None = typer.Option(None, help="Stop after this many epochs."),
     max_steps: int | None = typer.Option(None, help="Stop after this many updates."),
@@ -116,6 +122,10 @@ def train(
     """Train a model; the run directory (train.run_dir) gets config, tokenizer, checkpoints, metrics.
 
     Example: mt train configs/multi30k_de_en.yaml --max-time 20m --set train.lr=5e-4
+
+    Running it again on a run directory with checkpoints continues exactly where the newest one
+    left off (so does `mt train RUN_DIR --resume`); SIGINT/SIGTERM stop after the current update
+    with a checkpoint saved.
 
     On several GPUs or machines, start it with torchrun (DistributedDataParallel):
     torchrun --nproc-per-node 4 -m mt train configs/multi30k_de_en.yaml
@@ -131,9 +141,37 @@ def train(
     for key, value in (("max_epochs", max_epochs), ("max_steps", max_steps), ("max_time", max_time)):
         if value is not None:
             overrides.append(f"train.{key}={value}")
+    if config.is_dir():  # a run directory: its own config, written by the run
+        overrides.insert(0, f"train.run_dir={config}")
+        config = config / "config.yaml"
     cfg = load_config(config, overrides)
     with logging_redirect_tqdm():
-        run_training(cfg)
+        run_training(cfg, resume)
+
+
+@app.command()
+def average(
+    run_dir: Path = typer.Argument(..., help="Run directory with step checkpoints."),
+    last: int = typer.Option(5, "--last", help="Average the newest N step checkpoints."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write, e.g. RUN_DIR/averaged.pt."),
+    force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+) -> None:
+    """Average the weights of a run's last N checkpoints into one (often +0.5-1 BLEU over the last).
+
+    Example: mt average runs/multi30k_de_en --last 5 -o runs/multi30k_de_en/averaged.pt;
+    then mt translate runs/multi30k_de_en --checkpoint averaged.pt
+    """
+    from mt.checkpoint import average_checkpoints, list_checkpoints, save_checkpoint
+
+    if last < 1:
+        raise MTError("--last must be at least 1")
+    if output.exists() and not force:
+        raise MTError(f"{output}: exists; use --force to replace it")
+    paths = list_checkpoints(run_dir)
+    if len(paths) < last:
+        raise MTError(f"{run_dir}: has {len(paths)} step checkpoints, fewer than --last {last}")
+    save_checkpoint(output, average_checkpoints(paths[-last:]))
+    log.info("averaged %s into %s", ", ".join(p.name for p in paths[-last:]), output)
 
 
 @app.command()
@@ -143,7 +181,7 @@ def translate(
     length_penalty: float | None = typer.Option(None, help="Score = log P / length ** this (default from config)."),
     nbest: int = typer.Option(1, help="Print the N best hypotheses per line as `index<TAB>score<TAB>text`."),
     no_repeat_ngram: int | None = typer.Option(None, help="Never repeat an n-gram of this size (0 = allow)."),
-    checkpoint: str = typer.Option("best.pt", help="Checkpoint file in the run directory."),
+    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
@@ -214,6 +252,8 @@ def main() -> None:
     try:
         app()
     except MTError as exc:
+        if _options["debug"]:
+            raise
         typer.echo(f"mt: error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -28,6 +28,8 @@ class DataConfig:
     train: str = "train"
     valid: str = "valid"
     max_length: int = 256  # training pairs longer than this (in pieces) on either side are skipped
+    max_length_ratio: float = 9.0  # ... and pairs whose longer side has more than this x the pieces of the other
+    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8 in a corpus: fail naming the line, or replace
 
 
 @dataclass
@@ -72,6 +74,11 @@ class TrainConfig:
     max_time: str | None = None  # wall-clock budget such as "20m", "1h30m", "90s"
     valid_sentences: int = 500  # greedy BLEU on this many validation sentences (0 = all)
     log_every: int = 50  # steps between metrics-log lines
+    valid_every: int = 0  # steps between validations (and checkpoints); 0 = at the end of each epoch only
+    save_every: int = 500  # steps between checkpoints besides those at validations; 0 = only at validations
+    keep_checkpoints: int = 5  # the last K step checkpoints stay in RUN_DIR/checkpoints (best.pt apart)
+    patience: int = 0  # stop after this many validations without a better BLEU (ties: lower loss); 0 = never
+    max_bad_steps: int = 5  # updates in a row with a non-finite loss or gradient before the run stops
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
 
@@ -168,6 +175,12 @@ def _validate(config: Config) -> None:
         (t.update_freq >= 1, "train.update_freq must be at least 1"),
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be positive, train.warmup_steps >= 0"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (min(t.valid_every, t.save_every, t.patience) >= 0, "train.valid_every/save_every/patience must be >= 0"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps must be at least 1"),
+        (t.log_every >= 1, "train.log_every must be at least 1"),
+        (config.data.max_length > 0, "data.max_length must be positive"),
+        (config.data.max_length_ratio >= 0, "data.max_length_ratio must be >= 0 (0 disables the filter)"),
         (d.beam >= 1, "decode.beam must be at least 1"),
         (d.max_tokens > 0, "decode.max_tokens must be positive"),
     ]

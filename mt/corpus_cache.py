@@ -28,7 +28,7 @@ from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 CHUNK_PAIRS = 20_000  # pairs per SentencePiece call: big enough for its threads, small in memory
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (src, tgt_in, tgt_out), padded
@@ -107,7 +107,9 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def _cache_key(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None) -> dict:
+def _cache_key(
+    src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None, max_length_ratio: float, errors: str
+) -> dict:
     return {
         "format": FORMAT,
         "src": str(src_path),
@@ -116,21 +118,32 @@ def _cache_key(src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length:
         "tgt_sha256": file_sha256(tgt_path),
         "tokenizer": tokenizer.fingerprint(),
         "max_length": max_length,
+        "max_length_ratio": max_length_ratio,
+        "errors": errors,
     }
 
 
 def prepare_corpus(
-    cache_dir: Path, split: str, src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None
+    cache_dir: Path,
+    split: str,
+    src_path: Path,
+    tgt_path: Path,
+    tokenizer: Tokenizer,
+    max_length: int | None,
+    max_length_ratio: float = 0.0,
+    errors: str = "strict",
 ) -> EncodedCorpus:
     """Encode a split into `cache_dir` (or reuse the files there when nothing changed) and map it.
 
-    Pairs with more than `max_length` pieces on either side are left out and counted. Every file
+    Pairs with more than `max_length` pieces on either side, or whose longer side has more than
+    `max_length_ratio` times the pieces of the shorter one (0: no such limit), are left out and
+    counted; `errors` says what invalid UTF-8 does (see `mt.data.iter_lines`). Every file
     is written to a temporary name and renamed; `{split}.json` is written last, so an interrupted
     encoding is never mistaken for a finished one.
     """
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / f"{split}.json"
-    key = _cache_key(src_path, tgt_path, tokenizer, max_length)
+    key = _cache_key(src_path, tgt_path, tokenizer, max_length, max_length_ratio, errors)
     if meta_path.is_file():
         try:
             if json.loads(meta_path.read_text()).get("key") == key:
@@ -144,18 +157,23 @@ def prepare_corpus(
     largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
     lengths: list[np.ndarray] = []
-    skipped = 0
+    too_long = bad_ratio = 0
     threads = _cpu_count()
 
     def encode(src_handle, tgt_handle) -> None:
-        nonlocal skipped
+        nonlocal too_long, bad_ratio
         bar = tqdm(desc=f"encoding {split}", unit=" pairs", unit_scale=True, disable=None, leave=False)
-        for chunk in _chunks(iter_pairs(src_path, tgt_path), CHUNK_PAIRS):
+        for chunk in _chunks(iter_pairs(src_path, tgt_path, errors), CHUNK_PAIRS):
             src_ids = tokenizer.encode_src([s for s, _ in chunk], threads)
             tgt_ids = tokenizer.encode_tgt([t for _, t in chunk], threads)
             counts = np.array([(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)], dtype=np.int32)
             keep = np.ones(len(chunk), dtype=bool) if max_length is None else (counts < max_length).all(axis=1)
-            skipped += int((~keep).sum())
+            too_long += int((~keep).sum())
+            if max_length_ratio:
+                # + 1 for EOS, so a one-piece sentence is not judged by its length alone
+                ratio_ok = counts.max(axis=1) + 1 <= max_length_ratio * (counts.min(axis=1) + 1)
+                bad_ratio += int((keep & ~ratio_ok).sum())
+                keep &= ratio_ok
             kept = keep.tolist()
             for handle, ids in ((src_handle, src_ids), (tgt_handle, tgt_ids)):
                 flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
@@ -170,9 +188,22 @@ def prepare_corpus(
     atomic_write(cache_dir / f"{split}.src.bin", write_both)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), dtype=np.int32)
     atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, all_lengths))
-    if skipped:
-        log.warning("%s: left out %d pairs longer than data.max_length=%d pieces", src_path, skipped, max_length)
-    meta = {"key": key, "dtype": dtype.name, "pairs": len(all_lengths), "skipped": skipped}
+    if too_long:
+        log.warning("%s: left out %d pairs longer than data.max_length=%d pieces", src_path, too_long, max_length)
+    if bad_ratio:
+        log.warning(
+            "%s: left out %d pairs with a length ratio over data.max_length_ratio=%g",
+            src_path,
+            bad_ratio,
+            max_length_ratio,
+        )
+    meta = {
+        "key": key,
+        "dtype": dtype.name,
+        "pairs": len(all_lengths),
+        "skipped_too_long": too_long,
+        "skipped_length_ratio": bad_ratio,
+    }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     log.info(
         "%s: encoded %d %s pairs (%d + %d pieces)",

@@ -283,11 +283,15 @@ def corpus_files(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     return paths
 
 
-def iter_pairs(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
-    """Stream the aligned, non-empty sentence pairs of two line-aligned files (as `align` keeps them)."""
+def iter_pairs(src_path: Path, tgt_path: Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
+    """Stream the aligned, non-empty sentence pairs of two line-aligned files (as `align` keeps them).
+
+    `errors`: what invalid UTF-8 does, as in `iter_lines`.
+    """
     missing = object()
     dropped = 0
-    for number, (s, t) in enumerate(zip_longest(iter_lines(src_path), iter_lines(tgt_path), fillvalue=missing), 1):
+    lines = zip_longest(iter_lines(src_path, errors), iter_lines(tgt_path, errors), fillvalue=missing)
+    for number, (s, t) in enumerate(lines, 1):
         if s is missing or t is missing:
             short, long_ = (src_path, tgt_path) if s is missing else (tgt_path, src_path)
             raise DataError(f"{short} ends at line {number - 1} but {long_} goes on: the files are not aligned")

@@ -90,3 +90,12 @@ def check_replicas(world: World, model: nn.Module, device: torch.device) -> floa
     if difference.item() > 0:
         raise RuntimeError(f"data-parallel replicas diverged: parameters differ by up to {difference.item():.3g}")
     return difference.item()
+
+
+def gather_objects(world: World, obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank (e.g. their random-number-generator states)."""
+    if not world.distributed:
+        return [obj]
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -15,3 +15,7 @@ class DataError(MTError):
 
 class CheckpointError(MTError):
     """A run directory or checkpoint cannot be used (the message says why)."""
+
+
+class TrainingError(MTError):
+    """Training cannot go on (say, the loss keeps diverging); the message names the last good checkpoint."""

@@ -124,7 +124,9 @@ def load_tokenizer(run_dir: Path, joint: bool) -> Tokenizer:
     return Tokenizer(*tokenizer_files(Path(run_dir), joint))
 
 
-def prepare_tokenizer(run_dir: Path, config: TokenizerConfig, src_path: Path, tgt_path: Path) -> Tokenizer:
+def prepare_tokenizer(
+    run_dir: Path, config: TokenizerConfig, src_path: Path, tgt_path: Path, errors: str = "strict"
+) -> Tokenizer:
     """Load the run directory's tokenizer, training it on the training corpus first if it has none.
 
     The corpus is streamed; SentencePiece keeps a random sample of `max_sentences` sentences.
@@ -132,11 +134,11 @@ def prepare_tokenizer(run_dir: Path, config: TokenizerConfig, src_path: Path, tg
     src_model, tgt_model = tokenizer_files(Path(run_dir), config.joint)
     if config.joint and not src_model.is_file():
         log.info("training joint SentencePiece %s model (%d pieces)", config.type, config.vocab_size)
-        both = (line for pair in iter_pairs(src_path, tgt_path) for line in pair)
+        both = (line for pair in iter_pairs(src_path, tgt_path, errors) for line in pair)
         train_sentencepiece(both, src_model, config)
     elif not config.joint:
         for side, path in enumerate((src_model, tgt_model)):
             if not path.is_file():
                 log.info("training SentencePiece %s model %s", config.type, path.name)
-                train_sentencepiece((pair[side] for pair in iter_pairs(src_path, tgt_path)), path, config)
+                train_sentencepiece((pair[side] for pair in iter_pairs(src_path, tgt_path, errors)), path, config)
     return Tokenizer(src_model, tgt_model)

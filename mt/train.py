@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,24 +24,41 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mt.batching import make_batches
-from mt.checkpoint import load_checkpoint, save_checkpoint
-from mt.config import Config, TrainConfig, parse_duration, save_config
+from mt.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    remove_partial_writes,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoint,
+)
+from mt.config import Config, TrainConfig, config_to_dict, load_config, parse_duration, save_config
 from mt.corpus_cache import Batch, EncodedCorpus, prepare_corpus
 from mt.data import corpus_files, iter_pairs
 from mt.device import autocast
-from mt.distributed import World, any_rank, barrier, check_replicas, init_world, shutdown, sum_over_ranks
-from mt.errors import CheckpointError, ConfigError, DataError
+from mt.distributed import (
+    World,
+    any_rank,
+    barrier,
+    check_replicas,
+    gather_objects,
+    init_world,
+    shutdown,
+    sum_over_ranks,
+)
+from mt.errors import CheckpointError, ConfigError, DataError, TrainingError
 from mt.evaluate import corpus_scores
 from mt.loss import TranslationLoss
 from mt.model import Transformer, build_model, count_parameters
 from mt.optim import build_optimizer, inverse_sqrt_lr, set_lr
 from mt.search import search
 from mt.tokenizer import PAD, Tokenizer, load_tokenizer, prepare_tokenizer
-from mt.translate import decode_batches
+from mt.translate import BEST, decode_batches
 
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
 CACHE_DIR = "cache"
 
 
@@ -106,21 +125,39 @@ class Trainer:
             stats.add(batch_stats)
         return stats
 
-    def step(self, batches: list[Batch], lr: float) -> StepStats:
-        """One update from this rank's micro-batches: accumulate gradients, clip, AdamW."""
+    def step(self, batches: list[Batch], lr: float) -> tuple[StepStats, bool]:
+        """One update from this rank's micro-batches: accumulate gradients, clip, AdamW.
+
+        Returns the batch statistics and whether the update was applied: an update whose loss or
+        gradient norm is not finite (on any rank) is skipped, leaving weights and optimizer as
+        they were. (With fp16 the GradScaler also skips steps with overflowing gradients while it
+        calibrates its scale; those are routine and count as applied.)
+        """
         set_lr(self.optimizer, lr)
         stats = self.accumulate_gradients(batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.config.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.clip_norm)
+        max_norm = self.config.clip_norm if self.config.clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), max_norm)
+        finite = math.isfinite(stats.loss_sum) and (self.scaler is not None or bool(torch.isfinite(grad_norm)))
+        if any_rank(self.world, not finite, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return stats, False
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats
+        return stats, True
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def make_trainer(model: Transformer, config: TrainConfig, device: torch.device, world: World = World()) -> Trainer:
@@ -215,12 +252,14 @@ def prepare_data(config: Config, run_dir: Path, world: World) -> tuple[Tokenizer
     valid_files = corpus_files(d.dir, d.valid, d.src, d.tgt)
     cache = run_dir / CACHE_DIR
     for src_path, tgt_path in (train_files, valid_files):
-        if next(iter_pairs(src_path, tgt_path), None) is None:
+        if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
             raise DataError(f"{src_path}: no sentence pairs")
     if world.is_main:
-        tokenizer = prepare_tokenizer(run_dir, config.tokenizer, *train_files)
-        train_corpus = prepare_corpus(cache, d.train, *train_files, tokenizer, d.max_length)
-        valid_corpus = prepare_corpus(cache, d.valid, *valid_files, tokenizer, None)
+        tokenizer = prepare_tokenizer(run_dir, config.tokenizer, *train_files, errors=d.errors)
+        train_corpus = prepare_corpus(
+            cache, d.train, *train_files, tokenizer, d.max_length, d.max_length_ratio, d.errors
+        )
+        valid_corpus = prepare_corpus(cache, d.valid, *valid_files, tokenizer, None, 0.0, d.errors)
     barrier(world)
     if not world.is_main:
         tokenizer = load_tokenizer(run_dir, config.tokenizer.joint)
@@ -230,156 +269,326 @@ def prepare_data(config: Config, run_dir: Path, world: World) -> tuple[Tokenizer
     return tokenizer, train_corpus, valid_corpus
 
 
-def train(config: Config) -> Path:
-    """Train (or continue training) the model described by `config`; returns the run directory."""
+@dataclass
+class Progress:
+    """Where a run stands; every checkpoint holds it, so a resumed run continues exactly there."""
+
+    step: int = 0  # updates applied
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch (epoch + 1) already trained on, all ranks together
+    elapsed: float = 0.0  # wall-clock seconds of training so far, over all sessions of the run
+    best_bleu: float = -math.inf
+    best_loss: float = math.inf
+    validations_without_gain: int = 0
+    last_validated_step: int = -1
+
+    def improves(self, scores: dict[str, float]) -> bool:
+        """A validation result beats the best so far: higher BLEU, or equal BLEU and lower loss."""
+        bleu, loss = scores["valid_bleu"], scores["valid_loss"]
+        return bleu > self.best_bleu or (bleu == self.best_bleu and loss < self.best_loss)
+
+
+class GracefulStop:
+    """While active, SIGINT/SIGTERM ask the training loop to stop after the current update.
+
+    A second SIGINT interrupts at once (KeyboardInterrupt), for when saving takes too long.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.signal_name is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        log.warning("%s received: finishing this update, then saving a checkpoint", self.signal_name)
+
+
+def check_same_model(saved: Config, given: Config, run_dir: Path) -> None:
+    """A run directory's tokenizer and model are fixed: refuse a config that changes them."""
+    old, new = config_to_dict(saved), config_to_dict(given)
+    for section in ("tokenizer", "model"):
+        for key, value in new[section].items():
+            if old[section].get(key) != value:
+                raise ConfigError(
+                    f"{run_dir / 'config.yaml'}: this run has {section}.{key}={old[section].get(key)!r}, "
+                    f"the config asks for {value!r}; start a new run with another train.run_dir"
+                )
+    changed = [f"{s}.{k}" for s in ("data", "train", "decode") for k in new[s] if old[s].get(k) != new[s][k]]
+    if changed:
+        log.info("continuing with changed settings: %s", ", ".join(changed))
+
+
+def train(config: Config, resume: bool = False) -> Path:
+    """Train the model described by `config`; returns the run directory.
+
+    A run directory that already has checkpoints is continued from the newest one (model,
+    optimizer, schedule, random-number generators and position in the epoch). `resume=True`
+    insists on that: it is an error when there is nothing to continue.
+    """
     world, device = init_world(config.train.device)
     try:
-        return _train(config, world, device)
+        return _train(config, world, device, resume)
     finally:
         shutdown(world)
 
 
-def _train(config: Config, world: World, device: torch.device) -> Path:
+def _train(config: Config, world: World, device: torch.device, resume: bool) -> Path:
     t = config.train
     if t.max_epochs is None and t.max_steps is None and t.max_time is None:
         raise ConfigError("train: set at least one of max_epochs, max_steps, max_time")
-    start = time.monotonic()
     budget = parse_duration(t.max_time) if t.max_time else math.inf
     run_dir = Path(t.run_dir)
+    if (run_dir / "config.yaml").is_file():
+        check_same_model(load_config(run_dir / "config.yaml"), config, run_dir)
+    latest = load_latest_checkpoint(run_dir, device)
+    if resume and latest is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from (train without --resume to start the run)")
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        remove_partial_writes(run_dir)
     _seed_everything(t.seed)
     tokenizer, corpus, valid = prepare_data(config, run_dir, world)
     d = config.data
-    valid_refs = [tgt for _, tgt in iter_pairs(*corpus_files(d.dir, d.valid, d.src, d.tgt))]
+    valid_refs = [tgt for _, tgt in iter_pairs(*corpus_files(d.dir, d.valid, d.src, d.tgt), d.errors)]
 
     model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.joint).to(device)
     torch.manual_seed(t.seed + world.rank)  # same initial weights on every rank, different dropout masks
     trainer = make_trainer(model, t, device, world)
     fingerprint = tokenizer.fingerprint()
-    step, epoch, best_bleu = 0, 0, -math.inf
-    if (run_dir / LAST).is_file():
-        state = load_checkpoint(run_dir / LAST, device)
-        if state.get("tokenizer") != fingerprint:
-            raise CheckpointError(f"{run_dir / LAST}: trained with a different tokenizer than {run_dir}'s")
+    vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
+    progress = Progress()
+    if latest is not None:
+        path, state = latest
+        if state.get("tokenizer") != fingerprint or state.get("vocab") != vocab:
+            raise CheckpointError(f"{path}: trained with another tokenizer than the one in {run_dir}")
         model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        step, epoch, best_bleu = state["step"], state["epoch"], state["best_bleu"]
-        log.info("continuing %s from step %d (epoch %d)", run_dir, step, epoch)
+        trainer.load_state_dict(state["trainer"])
+        progress = Progress(**state["progress"])
+        if len(state["rng"]) == world.size:
+            set_rng_state(state["rng"][world.rank])
+        else:
+            log.warning(
+                "the run was saved with %d processes, now %d: random draws differ", len(state["rng"]), world.size
+            )
+        log.info(
+            "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)",
+            run_dir,
+            path.name,
+            progress.step,
+            progress.epoch,
+            progress.batches_done,
+            progress.epoch + 1,
+        )
     log.info(
         "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)",
         len(corpus),
         len(valid),
-        tokenizer.src_vocab_size,
-        tokenizer.tgt_vocab_size,
+        *vocab,
         f"{count_parameters(model):,}",
         device,
         world.size,
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     if metrics:
-        metrics.write(event="start", step=step, world_size=world.size, device=str(device), precision=t.precision)
-    vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
+        event = "resume" if latest is not None else "start"
+        metrics.write(event=event, step=progress.step, world_size=world.size, device=str(device), precision=t.precision)
+    start = time.monotonic() - progress.elapsed
 
-    def save(valid_scores: dict[str, float]) -> None:
-        nonlocal best_bleu
-        base = {
-            "step": step,
-            "epoch": epoch,
-            "tokenizer": fingerprint,
-            "vocab": vocab,
-            "world_size": world.size,
-            **valid_scores,
-        }
-        if valid_scores["valid_bleu"] > best_bleu:
-            best_bleu = valid_scores["valid_bleu"]
-            save_checkpoint(run_dir / BEST, {"model": model.state_dict(), **base})
-        state = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "best_bleu": best_bleu}
-        save_checkpoint(run_dir / LAST, {**state, **base})
+    def save_checkpoint_now() -> Path:
+        """Every rank's generator states go into rank 0's checkpoint (all ranks must call this)."""
+        progress.elapsed = time.monotonic() - start
+        rng = gather_objects(world, rng_state())
+        path = step_checkpoint(run_dir, progress.step)
+        if world.is_main:
+            state = {
+                "model": model.state_dict(),
+                "trainer": trainer.state_dict(),
+                "progress": asdict(progress),
+                "rng": rng,
+                "tokenizer": fingerprint,
+                "vocab": vocab,
+                "world_size": world.size,
+            }
+            save_checkpoint(path, state)
+            prune_checkpoints(run_dir, t.keep_checkpoints)
+        return path
 
-    def out_of_budget() -> bool:
-        local = (t.max_steps is not None and step >= t.max_steps) or (
-            time.monotonic() - start + validation_seconds >= budget
-        )
-        return any_rank(world, local, device)  # clocks differ between ranks; all stop together
-
-    validation_seconds = 0.0
-    window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()  # totals since the last metrics line
-    stop = out_of_budget() or (t.max_epochs is not None and epoch >= t.max_epochs)
-    per_update = t.update_freq * world.size
-    while not stop:
-        epoch += 1
-        batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed + epoch)
-        if world.distributed and len(batches) % per_update:
-            # every rank must take part in every update; the few batches left over wait for the next epoch's shuffle
-            batches = batches[: len(batches) - len(batches) % per_update]
-        updates = [batches[i : i + per_update] for i in range(0, len(batches), per_update)]
-        bar = tqdm(updates, desc=f"epoch {epoch}", unit="update", disable=None if world.is_main else True)
-        for update in bar:
-            lr = inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps)
-            window.add(trainer.step([corpus.batch(b) for b in update[world.rank :: world.size]], lr))
-            step += 1
-            if step % t.log_every == 0:
-                seconds = time.monotonic() - window_start
-                total = StepStats(*sum_over_ranks(world, window.as_list(), device))
-                real_tokens = total.target_tokens + total.source_tokens
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": total.loss_sum / total.target_tokens,
-                    "lr": lr,
-                    "tgt_tokens_per_s": total.target_tokens / seconds,
-                    "tokens_per_s": real_tokens / seconds,
-                    "padding": 1 - real_tokens / max(1, total.padded_tokens),
-                    "elapsed": time.monotonic() - start,
-                }
-                if metrics:
-                    metrics.write(**record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
-                if bar.disable and world.is_main:
-                    log.info(
-                        "epoch %d step %d loss %.3f lr %.2e %.0f tgt tok/s",
-                        epoch,
-                        step,
-                        record["loss"],
-                        lr,
-                        record["tgt_tokens_per_s"],
-                    )
-                window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()
-                corpus.release_pages()
-            if out_of_budget():
-                stop = True
-                break
-        bar.close()
-        stop = stop or (t.max_epochs is not None and epoch >= t.max_epochs) or out_of_budget()
+    def validate_and_save() -> bool:
+        """Validate (rank 0), keep best.pt, checkpoint; True when patience has run out."""
         began = time.monotonic()
+        out_of_patience = False
         if world.is_main:
             scores = validate(model, valid, valid_refs, tokenizer, config, device)
-            save(scores)
-            metrics.write(step=step, epoch=epoch, elapsed=time.monotonic() - start, **scores)
+            if progress.improves(scores):
+                progress.best_bleu, progress.best_loss = scores["valid_bleu"], scores["valid_loss"]
+                progress.validations_without_gain = 0
+                best = {"model": model.state_dict(), "step": progress.step, "epoch": progress.epoch, **scores}
+                save_checkpoint(run_dir / BEST, {**best, "tokenizer": fingerprint, "vocab": vocab})
+            else:
+                progress.validations_without_gain += 1
+            out_of_patience = t.patience > 0 and progress.validations_without_gain >= t.patience
+            metrics.write(step=progress.step, epoch=progress.epoch, elapsed=time.monotonic() - start, **scores)
             log.info(
-                "epoch %d step %d: valid loss %.3f ppl %.2f BLEU %.2f chrF %.2f (%.0fs)",
-                epoch,
-                step,
+                "step %d: valid loss %.3f ppl %.2f BLEU %.2f chrF %.2f (best BLEU %.2f; %.0fs)",
+                progress.step,
                 scores["valid_loss"],
                 scores["valid_ppl"],
                 scores["valid_bleu"],
                 scores["valid_chrf"],
+                progress.best_bleu,
                 time.monotonic() - began,
             )
-        barrier(world)
+        progress.last_validated_step = progress.step
+        nonlocal validation_seconds
         validation_seconds = time.monotonic() - began
+        out_of_patience = any_rank(world, out_of_patience, device)  # rank 0 decides for all
+        if out_of_patience:
+            log.info("no better validation BLEU in %d validations: stopping early", t.patience)
+        save_checkpoint_now()
+        return out_of_patience
+
+    validation_seconds = 0.0  # the last validation's duration: the time budget keeps room for one more
+    bad_in_a_row = 0
+    window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()  # totals since the last metrics line
+    per_update = t.update_freq * world.size
+
+    def should_stop(signalled: bool) -> tuple[bool, bool]:
+        """(stop for the budget, stop for a signal), agreed by all ranks (their clocks differ)."""
+        over = (t.max_steps is not None and progress.step >= t.max_steps) or (
+            time.monotonic() - start + validation_seconds >= budget
+        )
+        over_all, signalled_all = sum_over_ranks(world, [float(over), float(signalled)], device)
+        return over_all > 0, signalled_all > 0
+
+    with GracefulStop() as signals:
+        finished, interrupted = should_stop(False)
+        finished = finished or (t.max_epochs is not None and progress.epoch >= t.max_epochs)
+        while not (finished or interrupted):
+            epoch = progress.epoch + 1
+            batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed + epoch)
+            if world.distributed and len(batches) % per_update:
+                # every rank must take part in every update; the few left over wait for the next epoch's shuffle
+                batches = batches[: len(batches) - len(batches) % per_update]
+            first = min(progress.batches_done, len(batches))
+            bar = tqdm(
+                total=math.ceil(len(batches) / per_update),
+                initial=math.ceil(first / per_update),
+                desc=f"epoch {epoch}",
+                unit="update",
+                disable=None if world.is_main else True,
+            )
+            for begin in range(first, len(batches), per_update):
+                update = batches[begin : begin + per_update]
+                lr = inverse_sqrt_lr(progress.step + 1, t.lr, t.warmup_steps)
+                stats, applied = trainer.step([corpus.batch(b) for b in update[world.rank :: world.size]], lr)
+                progress.batches_done = begin + len(update)
+                bar.update()
+                if not applied:
+                    bad_in_a_row += 1
+                    log.warning(
+                        "epoch %d: loss or gradient is not finite (loss sum %s); update skipped (%d in a row)",
+                        epoch,
+                        stats.loss_sum,
+                        bad_in_a_row,
+                    )
+                    if bad_in_a_row >= t.max_bad_steps:
+                        saved = list_checkpoints(run_dir)
+                        raise TrainingError(
+                            f"{bad_in_a_row} updates in a row had a non-finite loss or gradient (after step "
+                            f"{progress.step}); stopped. Last good checkpoint: "
+                            f"{saved[-1] if saved else 'none'}. Try a lower train.lr or a longer train.warmup_steps"
+                        )
+                else:
+                    bad_in_a_row = 0
+                    progress.step += 1
+                    window.add(stats)
+                    if progress.step % t.log_every == 0:
+                        total = StepStats(*sum_over_ranks(world, window.as_list(), device))
+                        record = _window_record(total, time.monotonic() - window_start, progress.step, epoch, lr)
+                        record = {**record, "elapsed": time.monotonic() - start}
+                        if metrics:
+                            metrics.write(**record)
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}"
+                        )
+                        if bar.disable and world.is_main:  # no progress bar (stderr is not a terminal): log lines
+                            log.info(
+                                "epoch %d step %d loss %.3f lr %.2e %.0f tgt tok/s",
+                                epoch,
+                                progress.step,
+                                record["loss"],
+                                lr,
+                                record["tgt_tokens_per_s"],
+                            )
+                        window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()
+                        corpus.release_pages()
+                    if t.valid_every and progress.step % t.valid_every == 0:
+                        finished = validate_and_save()
+                    elif t.save_every and progress.step % t.save_every == 0:
+                        save_checkpoint_now()
+                over, interrupted = should_stop(signals.signal_name is not None)
+                finished = finished or over
+                if finished or interrupted:
+                    break
+            else:
+                progress.epoch, progress.batches_done = epoch, 0
+                finished = finished or (t.max_epochs is not None and progress.epoch >= t.max_epochs)
+            bar.close()
+            if interrupted:
+                break
+            if progress.last_validated_step != progress.step:
+                finished = validate_and_save() or finished
+            elif progress.batches_done == 0:
+                save_checkpoint_now()  # validated at this step already: only record that the epoch ended
+            finished = finished or should_stop(False)[0]
+
+    if interrupted:
+        path = save_checkpoint_now()
+        log.info(
+            "stopped by %s at step %d; checkpoint %s; continue with `mt train %s --resume`",
+            signals.signal_name or "a signal on another rank",
+            progress.step,
+            path,
+            run_dir,
+        )
     if world.distributed:
         check_replicas(world, model, device)
         log.info("all %d replicas hold identical parameters", world.size)
     if metrics:
         metrics.close()
-    log.info(
-        "finished after %d steps in %.0fs; best valid BLEU %.2f; model in %s",
-        step,
-        time.monotonic() - start,
-        best_bleu,
-        run_dir,
-    )
+    if not interrupted:
+        log.info(
+            "finished after %d steps in %.0fs; best valid BLEU %.2f; model in %s",
+            progress.step,
+            time.monotonic() - start,
+            progress.best_bleu,
+            run_dir,
+        )
     return run_dir
+
+
+def _window_record(window: StepStats, seconds: float, step: int, epoch: int, lr: float) -> dict:
+    """The metrics line for the updates since the previous line (`window` already summed over ranks)."""
+    real_tokens = window.target_tokens + window.source_tokens
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": window.loss_sum / window.target_tokens,
+        "lr": lr,
+        "tgt_tokens_per_s": window.target_tokens / seconds,
+        "tokens_per_s": real_tokens / seconds,
+        "padding": 1 - real_tokens / max(1, window.padded_tokens),
+    }

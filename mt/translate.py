@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def load_model(
     run_dir: Path, config: Config, tokenizer: Tokenizer, device: torch.device, checkpoint: str = BEST
 ) -> Transformer:
     """Rebuild a run directory's model from its config and checkpoint, checking it fits the tokenizer."""
-    path = Path(run_dir) / checkpoint
+    path = Path(run_dir) / checkpoint  # an absolute `checkpoint` stays as it is
+    if not path.is_file() and Path(checkpoint).is_file():
+        path = Path(checkpoint)
     state = load_checkpoint(path, device)
     vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
     if state.get("vocab") != vocab or state.get("tokenizer") != tokenizer.fingerprint():
@@ -147,24 +150,41 @@ class Translator:
             wanted, self.translate_ids(sources, beam, length_penalty, nbest, no_repeat_ngram=no_repeat_ngram)
         ):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
-            results[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
+            results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
         return results
 
 
-def read_chunks(fd: int, max_lines: int = 2000, block: int = 1 << 16) -> Iterator[list[str]]:
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def one_line(text: str) -> str:
+    """`text` with any line-breaking character turned into a space: one output line per input line."""
+    return _LINE_BREAKS.sub(" ", text)
+
+
+def read_chunks(
+    fd: int, max_lines: int = 2000, block: int = 1 << 16, max_line_bytes: int = 1 << 20
+) -> Iterator[list[str]]:
     """Lines from file descriptor `fd`, in chunks of at most `max_lines`.
 
     A chunk also ends whenever no more input is immediately available, so someone typing gets
     each translation as soon as the line is entered, while piped files are decoded in big,
-    well-sorted chunks. Memory stays bounded by the chunk size. Bytes that are not UTF-8 are
+    well-sorted chunks. Memory stays bounded by the chunk size: a line is cut after
+    `max_line_bytes` (far more than a model reads), with a warning. Bytes that are not UTF-8 are
     replaced rather than failing, so every input line still gets its output line.
     """
-    pending, lines, eof = b"", [], False
+    pending, lines, eof, cut = b"", [], False, False
     while not eof:
         data = os.read(fd, block)
         eof = not data
+        if cut:  # drop the rest of an over-long line, up to its newline
+            newline = data.find(b"\n")
+            data, cut = (b"", True) if newline < 0 else (data[newline:], False)
         pending += data
         *complete, pending = pending.split(b"\n")
+        if len(pending) > max_line_bytes:
+            log.warning("an input line longer than %d bytes was cut there", max_line_bytes)
+            pending, cut = pending[:max_line_bytes], True
         lines.extend(line.rstrip(b"\r").decode("utf-8", errors="replace") for line in complete)
         if eof and pending:
             lines.append(pending.rstrip(b"\r").decode("utf-8", errors="replace"))

@@ -77,7 +77,9 @@ def main() -> None:
         # reuse the run directory's tokenizer when it has one; never write into it
         has_tokenizer = tokenizer_files(run_dir, config.tokenizer.joint)[0].is_file()
         tokenizer = prepare_tokenizer(run_dir if has_tokenizer else Path(scratch), config.tokenizer, *files)
-        corpus = prepare_corpus(Path(scratch), "train", *files, tokenizer, config.data.max_length)
+        corpus = prepare_corpus(
+            Path(scratch), "train", *files, tokenizer, config.data.max_length, config.data.max_length_ratio
+        )
         return run(args, config, tokenizer, corpus, device)
 
 
@@ -102,7 +104,7 @@ def run(args, config, tokenizer, corpus, device) -> None:
     for step in range(args.warmup, args.warmup + args.steps):
         indices = batches[step % len(batches)]
         batch = corpus.batch(indices)
-        stats = trainer.step([batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
+        stats, _ = trainer.step([batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
         totals["src"] += stats.source_tokens
         totals["tgt"] += stats.target_tokens
         totals["padded"] += stats.padded_tokens

@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
 
 def test_tiny_model_learns_to_reverse_through_the_cli(trained):
     run = trained / "run"
-    for name in ("config.yaml", "spm.model", "best.pt", "last.pt", "metrics.jsonl"):
+    for name in ("config.yaml", "spm.model", "best.pt", "metrics.jsonl", "checkpoints/step00000700.pt"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("valid_bleu" in r for r in records) and any("tgt_tokens_per_s" in r for r in records)
@@ -128,7 +128,7 @@ def test_training_continues_from_last_checkpoint(trained, tmp_path):
     text = (trained / "tiny.yaml").read_text().replace("max_steps: 700", "max_steps: 710")
     config.write_text(text)
     result = run_mt("train", str(config))
-    assert "continuing" in result.stderr and "from step 700" in result.stderr
+    assert "continuing from step00000700.pt (step 700" in result.stderr
     assert "finished after 710 steps" in result.stderr
 
 

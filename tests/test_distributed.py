@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from conftest import run_mt
 
-from mt.checkpoint import load_checkpoint
+from mt.checkpoint import list_checkpoints, load_checkpoint
 
 CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
@@ -62,8 +62,9 @@ def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_pa
     start = json.loads((ddp / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["world_size"] == 2
     assert _losses(ddp) == _approx(_losses(single))
-    single_state, ddp_state = load_checkpoint(single / "last.pt"), load_checkpoint(ddp / "last.pt")
-    assert ddp_state["step"] == single_state["step"] == 4
+    single_state, ddp_state = (load_checkpoint(list_checkpoints(run)[-1]) for run in (single, ddp))
+    assert ddp_state["progress"]["step"] == single_state["progress"]["step"] == 4
+    assert len(ddp_state["rng"]) == 2  # each rank's generator states, for an exact resume
     difference = torch.cat([(ddp_state["model"][k] - v).abs().flatten() for k, v in single_state["model"].items()])
     # Adam turns float-noise gradients (e.g. of attention key biases, zero in exact arithmetic) into
     # lr-sized steps, so a few parameters may differ by a fraction of lr (0.003); the rest agree.
