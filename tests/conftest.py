@@ -50,3 +50,14 @@ def run_mt(*args: str, stdin: str | None = None, cwd: Path | None = None, check:
     if check and result.returncode != 0:
         raise AssertionError(f"mt {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def write_reversal_corpus(directory: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """`{split}.src`/`.tgt` files of digit strings and their reversals (a task a tiny model learns fast)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        src = [" ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7))) for _ in range(n)]
+        (directory / f"{split}.src").write_text("".join(f"{s}\n" for s in src))
+        (directory / f"{split}.tgt").write_text("".join(f"{' '.join(reversed(s.split()))}\n" for s in src))
+    return directory

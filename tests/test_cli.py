@@ -1,13 +1,23 @@
 """System tests through the real command line: a tiny model learns to reverse digit strings."""
 
 import json
+import os
+import pickle
 import random
 import select
+import shutil
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_mt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mt.checkpoint import save_checkpoint
 
 TINY_CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
@@ -141,40 +151,121 @@ def _error(*args, stdin=None, cwd=None):
     return lines[0]
 
 
-def test_cli_error_paths(tmp_path):
-    assert "nope.yaml: config file not found" in _error("train", str(tmp_path / "nope.yaml"))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  layers: 3\n")
-    assert "model.layers: unknown key" in _error("train", str(bad))
-    assert "train.lr: expected float, got 'fast'" in _error("train", str(_ok(tmp_path)), "--set", "train.lr=fast")
-    assert "not a model directory" in _error("translate", str(tmp_path), stdin="hallo\n")
-    (tmp_path / "h.txt").write_text("a\nb\n")
-    (tmp_path / "r.txt").write_text("a\n")
-    assert "2 hypotheses but 1 references" in _error(
-        "eval", "--hyp", str(tmp_path / "h.txt"), "--ref", str(tmp_path / "r.txt")
-    )
-    assert "has 2 lines but" in _error(
-        "data",
-        "import",
-        "--src",
-        str(tmp_path / "h.txt"),
-        "--tgt",
-        str(tmp_path / "r.txt"),
-        "--pair",
-        "de-en",
-        "--out",
-        str(tmp_path / "c"),
-    )
-    assert "unknown corpus 'wmt99'" in _error("data", "fetch", "wmt99")
-    assert "data/none/train.de: file not found" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
-    corpus = tmp_path / "data" / "none"
-    corpus.mkdir(parents=True)
-    for name, text in (("train.de", "a\nb\n"), ("train.en", "a\n"), ("valid.de", "a\n"), ("valid.en", "a\n")):
-        (corpus / name).write_text(text)
-    assert "train.en ends at line 1 but" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
-    (corpus / "train.de").write_text("\n \n")
-    (corpus / "train.en").write_text("x\n\n")
-    assert "train.de: no sentence pairs" in _error("train", str(_ok(tmp_path)), cwd=tmp_path)
+def _corpus_dir(root, train_de, train_en):
+    corpus = root / "data" / "none"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "train.de").write_bytes(train_de)
+    (corpus / "train.en").write_bytes(train_en)
+    (corpus / "valid.de").write_text("a\n")
+    (corpus / "valid.en").write_text("a\n")
+    return ["train", str(_ok(root))]
+
+
+def _copy_run(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    return run
+
+
+def _foreign_vocabulary(trained, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    state = torch.load(run / "best.pt", weights_only=True)
+    save_checkpoint(run / "other.pt", {**state, "vocab": [30, 30], "tokenizer": "another"})
+    return ["translate", str(run), "--checkpoint", "other.pt"], "1 2\n"
+
+
+def _truncated_checkpoint(trained, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    data = (run / "best.pt").read_bytes()
+    (run / "best.pt").write_bytes(data[: len(data) // 3])
+    return ["translate", str(run)], "1 2\n"
+
+
+def _code_in_checkpoint(trained, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    (run / "best.pt").write_bytes(pickle.dumps({"model": _Payload()}))
+    return ["translate", str(run)], "1 2\n"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def _existing_output(trained, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.de").write_text("keep me\n")
+    for name, text in (("h.txt", "a\n"), ("r.txt", "b\n")):
+        (tmp_path / name).write_text(text)
+    args = ["data", "import", "--src", str(tmp_path / "h.txt"), "--tgt", str(tmp_path / "r.txt"), "--pair", "de-en"]
+    return [*args, "--out", str(tmp_path / "c")], None
+
+
+# (case, set-up returning (arguments, stdin), expected message); run from tmp_path
+ERROR_MATRIX = [
+    ("missing config", lambda t, p: (["train", str(p / "nope.yaml")], None), "nope.yaml: config file not found"),
+    (
+        "unknown config key",
+        lambda t, p: (["train", str(_write(p / "bad.yaml", "model:\n  layers: 3\n"))], None),
+        "bad.yaml: model.layers: unknown key",
+    ),
+    (
+        "mistyped config value",
+        lambda t, p: (["train", str(_ok(p)), "--set", "train.lr=fast"], None),
+        "train.lr: expected float, got 'fast'",
+    ),
+    ("missing corpus file", lambda t, p: (["train", str(_ok(p))], None), "data/none/train.de: file not found"),
+    (
+        "empty corpus",
+        lambda t, p: (_corpus_dir(p, b"\n \n", b"x\n\n"), None),
+        "data/none/train.de: no sentence pairs",
+    ),
+    (
+        "line counts differ",
+        lambda t, p: (_corpus_dir(p, b"a\nb\n", b"a\n"), None),
+        "data/none/train.en ends at line 1 but data/none/train.de goes on",
+    ),
+    (
+        "invalid UTF-8",
+        lambda t, p: (_corpus_dir(p, b"gut\nb\xe4d\n", b"good\nbad\n"), None),
+        "data/none/train.de:2: invalid UTF-8 at byte 1",
+    ),
+    (
+        "run directory of another tokenizer",
+        lambda t, p: (["train", str(t / "run"), "--set", "tokenizer.vocab_size=30"], None),
+        "this run has tokenizer.vocab_size=24, the config asks for 30",
+    ),
+    ("checkpoint of another vocabulary", _foreign_vocabulary, "trained with vocabulary sizes [30, 30]"),
+    ("truncated checkpoint", _truncated_checkpoint, "best.pt: corrupt or truncated checkpoint"),
+    ("checkpoint with code", _code_in_checkpoint, "best.pt: refused to load (not a plain weights file)"),
+    ("translate without a model", lambda t, p: (["translate", str(p)], "hallo\n"), "not a model directory"),
+    ("existing output", _existing_output, "exists (use --force to replace"),
+    (
+        "eval of unaligned files",
+        lambda t, p: (["eval", "--hyp", str(_write(p / "h", "a\nb\n")), "--ref", str(_write(p / "r", "a\n"))], None),
+        "2 hypotheses but 1 references",
+    ),
+    ("unknown corpus", lambda t, p: (["data", "fetch", "wmt99"], None), "unknown corpus 'wmt99'"),
+]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case, setup, message", ERROR_MATRIX, ids=[row[0] for row in ERROR_MATRIX])
+def test_bad_input_gives_one_line_error_and_exit_2(trained, tmp_path, case, setup, message):
+    args, stdin = setup(trained, tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    error = _error(*args, stdin=stdin, cwd=tmp_path)
+    assert message in error, error
+    assert {p: p.read_bytes() for p in before} == before, "an existing file was changed"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_mt("--debug", "train", str(tmp_path / "nope.yaml"), check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "config file not found" in result.stderr
 
 
 def _ok(tmp_path):
@@ -193,3 +284,66 @@ def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
         cached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=True)
         uncached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=False)
         assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
+
+
+@pytest.fixture(scope="module")
+def translator(trained):
+    from mt.translate import Translator
+
+    return Translator(trained / "run", device="cpu")
+
+
+# any code point but newline (and lone surrogates, which UTF-8 cannot encode): control characters, \r,
+# \u2028, mixed scripts
+_ANY_LINE_TEXT = st.text(st.characters(exclude_characters="\n", exclude_categories=["Cs"]), max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lines=st.lists(
+        st.one_of(
+            _ANY_LINE_TEXT.map(lambda text: text.encode("utf-8")),
+            st.binary(max_size=30).map(lambda raw: raw.replace(b"\n", b"")),  # not necessarily UTF-8
+            st.just(b"1 2 3 " * 400),  # longer than the model's positions: truncated
+        ),
+        max_size=8,
+    ),
+    final_newline=st.booleans(),
+)
+def test_translate_gives_exactly_one_line_per_input_line(translator, lines, final_newline):
+    """The contract of `mt translate` (the CLI writes each translation plus one newline)."""
+    from mt.translate import read_chunks
+
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    read, write = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write, data), os.close(write)))
+    writer.start()
+    outputs = [t[0].text for t in translator.translate_chunks(read_chunks(read, max_lines=3, block=7))]
+    writer.join()
+    os.close(read)
+    expected = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    assert len(outputs) == expected
+    assert "".join(text + "\n" for text in outputs).count("\n") == expected
+    assert all(text.strip() == "" for text, line in zip(outputs, data.split(b"\n")) if not line.strip())
+
+
+def test_translate_survives_hostile_stdin_through_the_cli(trained):
+    lines = [
+        b"1 2 3",
+        b"",
+        b"   \t ",
+        b"\x00\x07\x1b[31m 4 5",
+        b"\xff\xfe 6 7",
+        "ünïcödé 中文 עברית 8".encode(),
+        b"9 " * 2000,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", "translate", str(trained / "run"), "--beam", "2"],
+        input=b"\r\n".join(lines) + b"\r\n",
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode("utf-8").split("\n")
+    assert len(out) == len(lines) + 1 and out[-1] == "" and out[0] == "3 2 1" and out[1] == out[2] == ""
+    assert b"truncated" in result.stderr

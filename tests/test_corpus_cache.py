@@ -84,3 +84,16 @@ def test_pairs_over_max_length_are_left_out_and_counted(tmp_path, corpus_files, 
         short = prepare_corpus(tmp_path / "cache2", "train", src_path, tgt_path, tokenizer, max_length=limit)
     assert len(short) == len(corpus) - expected and f"left out {expected} pairs" in caplog.text
     assert max(short.src_piece_counts.max(), short.tgt_piece_counts.max()) < limit
+
+
+def test_pairs_with_a_wild_length_ratio_are_left_out_and_counted(tmp_path, caplog):
+    src = ["ein hund", "eine katze", "x", "der hund läuft"]
+    tgt = ["a dog", "a cat", " ".join(["word"] * 40), "the dog runs"]
+    _write(tmp_path / "train.de", src)
+    _write(tmp_path / "train.en", tgt)
+    paths = tmp_path / "train.de", tmp_path / "train.en"
+    tokenizer = prepare_tokenizer(tmp_path / "run", TokenizerConfig(vocab_size=30), *paths)
+    with caplog.at_level(logging.WARNING):
+        corpus = prepare_corpus(tmp_path / "cache", "train", *paths, tokenizer, None, max_length_ratio=9)
+    assert len(corpus) == 3 and "left out 1 pairs with a length ratio over data.max_length_ratio=9" in caplog.text
+    assert prepare_corpus(tmp_path / "all", "train", *paths, tokenizer, None, max_length_ratio=0).src_lengths.size == 4

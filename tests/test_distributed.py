@@ -2,14 +2,13 @@
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import run_mt
+from conftest import run_mt, write_reversal_corpus
 
 from mt.checkpoint import list_checkpoints, load_checkpoint
 
@@ -22,24 +21,13 @@ train: {{run_dir: {run}, max_tokens: 200, update_freq: {update_freq}, lr: 0.003,
 """
 
 
-def _corpus(root: Path) -> Path:
-    rng = random.Random(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 600), ("valid", 20)):
-        src = [" ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7))) for _ in range(n)]
-        (data / f"{split}.src").write_text("".join(f"{s}\n" for s in src))
-        (data / f"{split}.tgt").write_text("".join(f"{' '.join(reversed(s.split()))}\n" for s in src))
-    return data
-
-
 def _losses(run: Path) -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
 
 
 def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
-    data = _corpus(tmp_path)
+    data = write_reversal_corpus(tmp_path / "data", {"train": 600, "valid": 20})
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     (tmp_path / "single.yaml").write_text(CONFIG.format(data=data, run=single, update_freq=2))
     (tmp_path / "ddp.yaml").write_text(CONFIG.format(data=data, run=ddp, update_freq=1))
