@@ -68,12 +68,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path}: refused to load (not a plain weights file): {str(exc).splitlines()[0]}"
+            f"{path}: refused to load: not a plain weights file (loading it would run code it contains)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0].split(". ")[0]  # torch appends paragraphs of advice
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not an mt checkpoint (no model weights)")
     return state

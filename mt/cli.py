@@ -118,6 +118,9 @@ def train(
     max_steps: int | None = typer.Option(None, help="Stop after this many updates."),
     max_time: str | None = typer.Option(None, help="Stop after this wall-clock time, e.g. 20m, 1h30m."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (eager where unsupported)."),
+    errors: str | None = typer.Option(
+        None, help="Invalid UTF-8 in the corpus: strict (fail, naming the line) or replace."
+    ),
 ) -> None:
     """Train a model; the run directory (train.run_dir) gets config, tokenizer, checkpoints, metrics.
 
@@ -141,6 +144,8 @@ def train(
     for key, value in (("max_epochs", max_epochs), ("max_steps", max_steps), ("max_time", max_time)):
         if value is not None:
             overrides.append(f"train.{key}={value}")
+    if errors is not None:
+        overrides.append(f"data.errors={errors}")
     if config.is_dir():  # a run directory: its own config, written by the run
         overrides.insert(0, f"train.run_dir={config}")
         config = config / "config.yaml"

@@ -54,7 +54,7 @@ from mt.loss import TranslationLoss
 from mt.model import Transformer, build_model, count_parameters
 from mt.optim import build_optimizer, inverse_sqrt_lr, set_lr
 from mt.search import search
-from mt.tokenizer import PAD, Tokenizer, load_tokenizer, prepare_tokenizer
+from mt.tokenizer import PAD, Tokenizer, load_tokenizer, prepare_tokenizer, tokenizer_files
 from mt.translate import BEST, decode_batches
 
 log = logging.getLogger(__name__)
@@ -316,9 +316,17 @@ class GracefulStop:
 
 
 def check_same_model(saved: Config, given: Config, run_dir: Path) -> None:
-    """A run directory's tokenizer and model are fixed: refuse a config that changes them."""
+    """Once a run directory has a tokenizer (checkpoints), refuse a config that changes it (the model)."""
     old, new = config_to_dict(saved), config_to_dict(given)
-    for section in ("tokenizer", "model"):
+    fixed = [
+        name
+        for name, made in (
+            ("tokenizer", tokenizer_files(run_dir, saved.tokenizer.joint)[0].is_file()),
+            ("model", bool(list_checkpoints(run_dir))),
+        )
+        if made
+    ]
+    for section in fixed:
         for key, value in new[section].items():
             if old[section].get(key) != value:
                 raise ConfigError(
@@ -349,6 +357,7 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
     if t.max_epochs is None and t.max_steps is None and t.max_time is None:
         raise ConfigError("train: set at least one of max_epochs, max_steps, max_time")
     budget = parse_duration(t.max_time) if t.max_time else math.inf
+    session_start = time.monotonic()  # the budget counts data preparation too
     run_dir = Path(t.run_dir)
     if (run_dir / "config.yaml").is_file():
         check_same_model(load_config(run_dir / "config.yaml"), config, run_dir)
@@ -405,7 +414,7 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
     if metrics:
         event = "resume" if latest is not None else "start"
         metrics.write(event=event, step=progress.step, world_size=world.size, device=str(device), precision=t.precision)
-    start = time.monotonic() - progress.elapsed
+    start = session_start - progress.elapsed  # and the training time of earlier sessions of the run
 
     def save_checkpoint_now() -> Path:
         """Every rank's generator states go into rank 0's checkpoint (all ranks must call this)."""

@@ -237,7 +237,7 @@ ERROR_MATRIX = [
     ),
     ("checkpoint of another vocabulary", _foreign_vocabulary, "trained with vocabulary sizes [30, 30]"),
     ("truncated checkpoint", _truncated_checkpoint, "best.pt: corrupt or truncated checkpoint"),
-    ("checkpoint with code", _code_in_checkpoint, "best.pt: refused to load (not a plain weights file)"),
+    ("checkpoint with code", _code_in_checkpoint, "best.pt: refused to load: not a plain weights file"),
     ("translate without a model", lambda t, p: (["translate", str(p)], "hallo\n"), "not a model directory"),
     ("existing output", _existing_output, "exists (use --force to replace"),
     (
