@@ -16,11 +16,12 @@ import typer
 
 from mt import __version__
 from mt.errors import MTError
+from mt.progress import progress_bar, set_quiet
 
 app = typer.Typer(
     help="Train, run and score Transformer translation models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Fetch or import parallel corpora into data/.", no_args_is_help=True)
@@ -41,10 +42,12 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging details."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, not just its message."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines; warnings and errors only."),
 ) -> None:
     _options["debug"] = debug
+    set_quiet(quiet)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -188,16 +191,18 @@ def translate(
     no_repeat_ngram: int | None = typer.Option(None, help="Never repeat an n-gram of this size (0 = allow)."),
     checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    engine: str = typer.Option("auto", help="auto (ctranslate2 for a directory from `mt export`), torch, ctranslate2."),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
-    Example: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5
+    Examples: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5;
+    mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export)
     """
-    from mt.translate import Translator, read_chunks
+    from mt.translate import read_chunks
 
     if beam is not None and beam < 1:
         raise MTError("--beam must be at least 1")
-    translator = Translator(run_dir, checkpoint, device)
+    translator = _translator(run_dir, checkpoint, device, engine)
     if not 1 <= nbest <= (beam or translator.config.decode.beam):
         raise MTError("--nbest must be between 1 and the beam size")
     chunks = read_chunks(sys.stdin.fileno())
@@ -212,45 +217,166 @@ def translate(
         sys.stdout.flush()
 
 
+@app.command()
+def card(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `mt train`."),
+    test: bool = typer.Option(True, help="Translate and score the corpus's test split, when it has one."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+) -> None:
+    """Write the model card RUN_DIR/README.md again (training writes it when it finishes).
+
+    Example: mt card runs/multi30k_de_en
+    """
+    from mt.config import load_config
+    from mt.device import pick_device
+    from mt.model_card import test_scores, write_model_card
+
+    if not (run_dir / "config.yaml").is_file():
+        raise MTError(f"{run_dir}: not a run directory (no config.yaml)")
+    scores = test_scores(run_dir, load_config(run_dir / "config.yaml"), device) if test else None
+    log.info("wrote %s", write_model_card(run_dir, pick_device(device), scores))
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Run directory with metrics.jsonl."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="PNG to write (default RUN_DIR/learning_curves.png)."),
+) -> None:
+    """Draw learning curves (train/valid loss, valid BLEU and chrF, learning rate) into a PNG.
+
+    Example: mt plot runs/multi30k_de_en   (needs matplotlib: pip install 'mt[plot]')
+    """
+    from mt.plots import plot_learning_curves
+
+    written = plot_learning_curves(run_dir, out or run_dir / "learning_curves.png")
+    log.info("wrote %s", written)
+
+
+@app.command()
+def attention(
+    run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
+    sentence: str = typer.Argument(..., help="Source sentence to translate."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="PNG to write (default RUN_DIR/attention.png)."),
+    layer: int = typer.Option(-1, help="Decoder layer (0 = first, -1 = last)."),
+    head: int | None = typer.Option(None, help="One attention head (default: the mean over heads)."),
+    all_heads: bool = typer.Option(False, "--all-heads", help="A grid with every head of the layer."),
+    beam: int | None = typer.Option(None, help="Beam size (default from the model's config)."),
+    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+) -> None:
+    """Translate a sentence and draw the cross-attention (output pieces x source pieces) as a heatmap.
+
+    Example: mt attention runs/multi30k_de_en "Ein Hund läuft über die Wiese." --all-heads -o dog.png
+    (needs matplotlib: pip install 'mt[plot]')
+    """
+    from mt.plots import plot_attention
+    from mt.translate import Translator
+
+    translator = Translator(run_dir, checkpoint, device)
+    weights, src_pieces, tgt_pieces, text = translator.attention(sentence, beam)
+    layers, heads = weights.shape[:2]
+    if not -layers <= layer < layers:
+        raise MTError(f"--layer {layer}: the decoder has {layers} layers (0..{layers - 1}, or -1 for the last)")
+    if head is not None and not 0 <= head < heads:
+        raise MTError(f"--head {head}: the layers have {heads} heads (0..{heads - 1})")
+    title = f"layer {layer % layers} cross-attention: {text}"
+    written = plot_attention(
+        weights[layer], src_pieces, tgt_pieces, out or run_dir / "attention.png", title, head, all_heads
+    )
+    typer.echo(text)
+    log.info("wrote %s", written)
+
+
+def _translator(run_dir: Path, checkpoint: str, device: str, engine: str):
+    from mt.export import CTranslate2Translator, is_ctranslate2_dir
+    from mt.translate import Translator
+
+    if engine not in ("auto", "torch", "ctranslate2"):
+        raise MTError(f"--engine {engine!r}: use auto, torch or ctranslate2")
+    if engine == "ctranslate2" or (engine == "auto" and is_ctranslate2_dir(run_dir)):
+        return CTranslate2Translator(run_dir, device)
+    return Translator(run_dir, checkpoint, device)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),
+    format: str = typer.Option("ctranslate2", "--format", help="Export format: ctranslate2."),
+    quantization: str = typer.Option(
+        "int8", help="CTranslate2 weights: int8, int8_float32, int8_float16, int16, float16, bfloat16, float32."
+    ),
+    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
+    force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+) -> None:
+    """Export a model for the CTranslate2 inference engine (pip install 'mt[ct2]').
+
+    Example: mt export runs/multi30k_de_en --quantization int8 -o exported/de_en_int8;
+    then: mt translate exported/de_en_int8 < input.de
+    """
+    from mt.export import export_ctranslate2
+
+    if format != "ctranslate2":
+        raise MTError(f"--format {format!r}: only ctranslate2 is supported")
+    log.info("wrote %s", export_ctranslate2(run_dir, output, quantization, checkpoint, force))
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Path | None = typer.Argument(None, help="Model directory to translate --src with."),
     src: Path | None = typer.Option(None, help="Source file to translate (with RUN_DIR)."),
     ref: Path = typer.Option(..., help="Reference translations, line-aligned."),
-    hyp: Path | None = typer.Option(None, help="Hypothesis file to score (instead of RUN_DIR + --src)."),
+    hyp: list[Path] = typer.Option([], help="Hypothesis file to score (repeatable; instead of RUN_DIR + --src)."),
+    paired_bs: bool = typer.Option(
+        False, "--paired-bs", help="Compare the --hyp files (the first is the baseline) by paired bootstrap resampling."
+    ),
+    samples: int = typer.Option(1000, help="Bootstrap resamples for --paired-bs."),
     beam: int | None = typer.Option(None, help="Beam size when translating (default from the model's config)."),
     output: Path | None = typer.Option(None, help="Also write the translations of --src here."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
 ) -> None:
-    """Score translations with sacreBLEU (BLEU, chrF) and print the signatures.
+    """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
     Examples: mt eval runs/multi30k_de_en --src data/multi30k-de-en/test.de --ref data/multi30k-de-en/test.en;
-    mt eval --hyp hyp.en --ref data/multi30k-de-en/test.en --json
+    mt eval --hyp base.en --hyp new.en --ref data/multi30k-de-en/test.en --paired-bs
     """
     from mt.checkpoint import atomic_write_text
     from mt.data import read_lines
-    from mt.evaluate import corpus_scores, format_scores
+    from mt.evaluate import corpus_scores, format_paired, format_scores, paired_bootstrap
 
     refs = read_lines(ref)
-    if hyp is not None:
+    if hyp:
         if run_dir is not None or src is not None:
             raise MTError("give either --hyp or RUN_DIR with --src, not both")
-        hyps = read_lines(hyp)
+        systems = {str(path): read_lines(path) for path in hyp}
     elif run_dir is not None and src is not None:
-        from mt.translate import Translator
-
-        translator = Translator(run_dir, device=device)
-        hyps = [t[0].text for t in translator.translate(read_lines(src), beam)]
+        translator = _translator(run_dir, "best.pt", device, "auto")
+        lines = read_lines(src)
+        bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
+        hyps = []
+        for translations in translator.translate(lines, beam):
+            hyps.append(translations[0].text)
+            bar.update()
+        bar.close()
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))
+        systems = {str(run_dir): hyps}
     else:
         raise MTError("give --hyp, or RUN_DIR and --src")
-    scores = corpus_scores(hyps, refs)
+    if paired_bs:
+        if samples < 1:
+            raise MTError("--samples must be at least 1")
+        rows = paired_bootstrap(systems, refs, samples)
+        typer.echo(json.dumps(rows, indent=2) if as_json else format_paired(rows, samples))
+        return
+    results = {name: corpus_scores(hyps, refs) for name, hyps in systems.items()}
     if as_json:
-        typer.echo(json.dumps({k: v for k, v in scores.items() if not k.endswith("_text")}, indent=2))
+        plain = {name: {k: v for k, v in r.items() if not k.endswith("_text")} for name, r in results.items()}
+        typer.echo(json.dumps(plain if len(plain) > 1 else next(iter(plain.values())), indent=2))
     else:
-        typer.echo(format_scores(scores))
+        for name, scores in results.items():
+            typer.echo((f"{name}:\n" if len(results) > 1 else "") + format_scores(scores))
 
 
 def main() -> None:

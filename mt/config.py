@@ -27,6 +27,7 @@ class DataConfig:
     tgt: str = "en"
     train: str = "train"
     valid: str = "valid"
+    test: str = "test"  # scored once with best.pt at the end of training (for the model card), when present
     max_length: int = 256  # training pairs longer than this (in pieces) on either side are skipped
     max_length_ratio: float = 9.0  # ... and pairs whose longer side has more than this x the pieces of the other
     errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8 in a corpus: fail naming the line, or replace

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mt.checkpoint import atomic_write, atomic_write_text
 from mt.data import file_sha256, iter_pairs
+from mt.progress import progress_bar
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def prepare_corpus(
 
     def encode(src_handle, tgt_handle) -> None:
         nonlocal too_long, bad_ratio
-        bar = tqdm(desc=f"encoding {split}", unit=" pairs", unit_scale=True, disable=None, leave=False)
+        bar = progress_bar(desc=f"encoding {split}", unit=" pairs", unit_scale=True, leave=False)
         for chunk in _chunks(iter_pairs(src_path, tgt_path, errors), CHUNK_PAIRS):
             src_ids = tokenizer.encode_src([s for s, _ in chunk], threads)
             tgt_ids = tokenizer.encode_tgt([t for _, t in chunk], threads)

@@ -124,6 +124,12 @@ class CrossAttention(nn.Module):
         k, v = self.kv_proj(memory).chunk(2, dim=-1)
         return _split_heads(k, self.heads), _split_heads(v, self.heads)
 
+    def weights(self, x: Tensor, memory_kv: KeyValue, mask: Tensor) -> Tensor:
+        """The attention probabilities `forward` uses: x (B, T, D) -> (B, H, T, S)."""
+        q = _split_heads(self.q_proj(x), self.heads)
+        scores = q @ memory_kv[0].transpose(-2, -1) / math.sqrt(q.size(-1))
+        return scores.masked_fill(~mask, -torch.inf).softmax(dim=-1)
+
     def forward(self, x: Tensor, memory_kv: KeyValue, mask: Tensor) -> Tensor:
         """x (B*K, L, D) for K hypotheses per sentence; memory_kv for B sentences; mask (B, 1, 1, S)."""
         rows, length, dim = x.shape
@@ -325,6 +331,27 @@ class Transformer(nn.Module):
             old_kv[i] = None  # free this layer's old cache now, not after the last layer (peak memory)
             new_kv.append(kv)
         return self.decoder_norm(x)[:, 0] @ state.output_weight, replace(state, self_kv=new_kv, self_rows=None)
+
+
+@torch.no_grad()
+def cross_attention_weights(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
+    """Teacher-forced cross-attention of every decoder layer: src (B, S), tgt_in (B, T) -> (layers, B, H, T, S).
+
+    Records each layer's cross-attention inputs while the ordinary decoder runs, so the weights
+    are exactly those that layer's attention used.
+    """
+    captured: list[Tensor] = []
+
+    def record(module: CrossAttention, args: tuple) -> None:
+        captured.append(module.weights(*args))
+
+    hooks = [layer.cross_attn.register_forward_pre_hook(record) for layer in model.decoder]
+    try:
+        model(src, tgt_in)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(captured)
 
 
 def build_model(config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool) -> Transformer:

@@ -18,6 +18,7 @@ from mt.checkpoint import atomic_write
 from mt.config import TokenizerConfig
 from mt.data import iter_pairs
 from mt.errors import CheckpointError, DataError
+from mt.progress import progress_bar
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
@@ -32,7 +33,7 @@ def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerC
     def guarded() -> Iterator[str]:
         # SentencePiece turns an exception inside its iterator into an opaque RuntimeError
         try:
-            yield from sentences
+            yield from progress_bar(sentences, desc=f"reading sentences for {path.name}", unit=" lines", leave=False)
         except DataError as exc:
             failures.append(exc)
 

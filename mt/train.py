@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from mt.batching import make_batches
 from mt.checkpoint import (
@@ -48,11 +47,13 @@ from mt.distributed import (
     shutdown,
     sum_over_ranks,
 )
-from mt.errors import CheckpointError, ConfigError, DataError, TrainingError
+from mt.errors import CheckpointError, ConfigError, DataError, MTError, TrainingError
 from mt.evaluate import corpus_scores
 from mt.loss import TranslationLoss
 from mt.model import Transformer, build_model, count_parameters
+from mt.model_card import test_scores, write_model_card
 from mt.optim import build_optimizer, inverse_sqrt_lr, set_lr
+from mt.progress import progress_bar
 from mt.search import search
 from mt.tokenizer import PAD, Tokenizer, load_tokenizer, prepare_tokenizer, tokenizer_files
 from mt.translate import BEST, decode_batches
@@ -220,7 +221,8 @@ def validate(
     model.eval()
     objective = TranslationLoss(model, config.train.label_smoothing)
     loss_sum = nll_sum = tokens = 0.0
-    for indices in make_batches(corpus.src_lengths, corpus.tgt_lengths, config.train.max_tokens):
+    batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, config.train.max_tokens)
+    for indices in progress_bar(batches, desc="validation loss", unit="batch", leave=False):
         batch = corpus.batch(indices)
         src, tgt_in, tgt_out = (x.to(device) for x in batch)
         with autocast(device, config.train.precision):
@@ -492,12 +494,12 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
                 # every rank must take part in every update; the few left over wait for the next epoch's shuffle
                 batches = batches[: len(batches) - len(batches) % per_update]
             first = min(progress.batches_done, len(batches))
-            bar = tqdm(
+            bar = progress_bar(
                 total=math.ceil(len(batches) / per_update),
                 initial=math.ceil(first / per_update),
                 desc=f"epoch {epoch}",
                 unit="update",
-                disable=None if world.is_main else True,
+                **({} if world.is_main else {"disable": True}),
             )
             for begin in range(first, len(batches), per_update):
                 update = batches[begin : begin + per_update]
@@ -576,6 +578,22 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
     if world.distributed:
         check_replicas(world, model, device)
         log.info("all %d replicas hold identical parameters", world.size)
+    if not interrupted and world.is_main:
+        try:
+            test = test_scores(run_dir, config, str(device))
+        except MTError as exc:  # the model is trained and saved; a bad test split must not fail the run
+            log.warning("no test scores for the model card: %s", exc)
+            test = None
+        if test:
+            metrics.write(step=progress.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])
+            log.info(
+                "%s: BLEU %.2f chrF %.2f with best.pt (%s)",
+                test["file"],
+                test["bleu"],
+                test["chrf"],
+                test["bleu_signature"],
+            )
+        log.info("model card: %s", write_model_card(run_dir, device, test))
     if metrics:
         metrics.close()
     if not interrupted:

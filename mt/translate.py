@@ -17,10 +17,10 @@ from mt.batching import make_batches, pad
 from mt.checkpoint import load_checkpoint
 from mt.config import Config, load_config
 from mt.device import autocast, pick_device
-from mt.errors import CheckpointError
-from mt.model import Transformer, build_model
+from mt.errors import CheckpointError, DataError
+from mt.model import Transformer, build_model, cross_attention_weights
 from mt.search import Hypothesis, search
-from mt.tokenizer import EOS, Tokenizer, load_tokenizer
+from mt.tokenizer import BOS, EOS, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,23 @@ class Translator:
         return decode_batches(
             sources, lambda src: search(self.model, src, *settings), max(1, d.max_tokens // beam), self.device
         )
+
+    def attention(self, line: str, beam: int | None = None) -> tuple[torch.Tensor, list[str], list[str], str]:
+        """Translate one line and return the decoder's cross-attention over it.
+
+        Returns weights (layers, heads, output pieces, source pieces), the source pieces (with
+        </s>), the output pieces (with </s>), and the translation.
+        """
+        ids = self.tokenizer.encode_src([line.strip()])[0][: self.max_source]
+        if not ids:
+            raise DataError("nothing to translate: the sentence is empty")
+        tokens = self.translate_ids([ids], beam)[0][0].tokens
+        src = torch.tensor([ids + [EOS]], device=self.device)
+        tgt_in = torch.tensor([[BOS] + tokens], device=self.device)
+        weights = cross_attention_weights(self.model, src, tgt_in)[:, 0].cpu()
+        src_pieces = [self.tokenizer.src.id_to_piece(i) for i in ids] + ["</s>"]
+        tgt_pieces = [self.tokenizer.tgt.id_to_piece(i) for i in tokens] + ["</s>"]
+        return weights, src_pieces, tgt_pieces, one_line(self.tokenizer.decode_tgt([tokens])[0])
 
     def translate(
         self,

@@ -12,6 +12,7 @@ so their peak-memory figures are not inflated by the uncached ones.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -53,6 +54,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--max-tokens", type=int, default=None, help="override decode.max_tokens of the model's config")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
+    parser.add_argument(
+        "--ctranslate2",
+        type=Path,
+        action="append",
+        default=[],
+        help="also time this `mt export` directory (repeatable)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,6 +95,31 @@ def main() -> None:
             (fast, fast_texts), (slow, slow_texts) = results[(name, True)], results[(name, False)]
             same = "identical" if fast_texts == slow_texts else "DIFFERENT"
             print(f"{name}: cached / uncached = {fast['sent_per_s'] / slow['sent_per_s']:.2f}x, outputs {same}")
+    for export_dir in args.ctranslate2:
+        compare_ctranslate2(export_dir, args, sources, refs, results, translator.config.decode.max_tokens)
+
+
+def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_tokens: int) -> None:
+    """The same sentences through a CTranslate2 export: speed and BLEU against mt's cached decoder."""
+    from mt.export import CTranslate2Translator
+
+    engine = CTranslate2Translator(export_dir, device=args.device)
+    engine.config.decode.max_tokens = max_tokens
+    quantization = json.loads((export_dir / "mt_export.json").read_text())["quantization"]
+    measure(engine, sources[:16], 1, True)
+    for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
+        stats, texts = measure(engine, sources, beam, True)
+        ours, our_texts = results[(name, True)]
+        label = f"{name} ct2 {quantization}"
+        bleu = corpus_scores(texts, refs)["bleu"] if refs else None
+        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
+        same = sum(a == b for a, b in zip(texts, our_texts))
+        delta = f", BLEU {bleu - corpus_scores(our_texts, refs)['bleu']:+.2f}" if refs else ""
+        print(
+            f"  {label} / mt cached = {stats['sent_per_s'] / ours['sent_per_s']:.2f}x{delta}, "
+            f"{same}/{len(texts)} outputs identical"
+        )
 
 
 if __name__ == "__main__":

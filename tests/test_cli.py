@@ -347,3 +347,67 @@ def test_translate_survives_hostile_stdin_through_the_cli(trained):
     out = result.stdout.decode("utf-8").split("\n")
     assert len(out) == len(lines) + 1 and out[-1] == "" and out[0] == "3 2 1" and out[1] == out[2] == ""
     assert b"truncated" in result.stderr
+
+
+def test_training_writes_a_model_card(trained):
+    card = (trained / "run" / "README.md").read_text()
+    for expected in ("## Data", "| train | 4000 |", "parameters", "hardware:", "## Scores", "| test (100 sentences)"):
+        assert expected in card, expected
+    assert "BLEU signature: `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in card
+    assert "mt translate" in card and "```yaml" in card
+
+
+def test_plot_and_attention_write_pngs(trained, tmp_path):
+    run_mt("--quiet", "plot", str(trained / "run"), "-o", str(tmp_path / "curves.png"))
+    result = run_mt("attention", str(trained / "run"), "3 1 4 1 5", "--all-heads", "-o", str(tmp_path / "heads.png"))
+    assert result.stdout.strip() == "5 1 4 1 3"
+    for name in ("curves.png", "heads.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--layer 5: the decoder has 2 layers" in _error("attention", str(trained / "run"), "1 2", "--layer", "5")
+
+
+def test_ctranslate2_float32_greedy_equals_ours_token_for_token(trained, tmp_path):
+    source = (trained / "test.src").read_text()
+    run_mt("export", str(trained / "run"), "--quantization", "float32", "-o", str(tmp_path / "f32"))
+    run_mt("export", str(trained / "run"), "--quantization", "int8", "-o", str(tmp_path / "int8"))
+    ours = run_mt("translate", str(trained / "run"), "--beam", "1", stdin=source).stdout
+    theirs = run_mt("translate", str(tmp_path / "f32"), "--beam", "1", stdin=source).stdout
+    assert theirs == ours and ours.count("\n") == 100
+    int8 = run_mt("translate", str(tmp_path / "int8"), "--beam", "3", stdin=source).stdout
+    assert int8.count("\n") == 100
+    assert "exists; use --force" in _error("export", str(trained / "run"), "-o", str(tmp_path / "f32"))
+
+
+def test_eval_reports_ter_and_compares_systems_by_paired_bootstrap(trained, tmp_path):
+    refs = (trained / "test.tgt").read_text().splitlines()
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("".join(f"{r}\n" for r in refs))
+    bad.write_text("".join(f"{' '.join(r.split()[:2])}\n" for r in refs))
+    plain = run_mt("eval", "--hyp", str(bad), "--ref", str(trained / "test.tgt")).stdout
+    assert "TER = " in plain and "tok:tercom" in plain
+    args = ["eval", "--hyp", str(good), "--hyp", str(bad), "--ref", str(trained / "test.tgt"), "--paired-bs"]
+    result = run_mt(*args, "--samples", "200", "--json")
+    baseline, other = json.loads(result.stdout)
+    assert baseline["baseline"] and baseline["bleu"]["score"] == pytest.approx(100.0)
+    assert other["bleu"]["p_value"] < 0.05 and other["bleu"]["mean"] < 50 and other["ter"]["ci95"] > 0
+    text = run_mt(*args, "--samples", "100").stdout
+    assert "(baseline)" in text and "p = " in text and "bs:100|seed:12345" in text
+
+
+def test_quiet_version_and_help_examples(trained):
+    result = run_mt("--quiet", "card", str(trained / "run"), "--no-test")
+    assert result.stderr == "" and (trained / "run" / "README.md").is_file()
+    assert run_mt("--version").stdout.startswith("mt ")
+    for command in (
+        "data fetch",
+        "data import",
+        "train",
+        "translate",
+        "eval",
+        "average",
+        "export",
+        "plot",
+        "attention",
+        "card",
+    ):
+        assert "Example" in run_mt(*command.split(), "--help").stdout, command

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from mt.config import config_to_dict, load_config, parse_duration
@@ -51,3 +53,12 @@ def test_durations():
     assert parse_duration("1h30m") == 5400
     assert parse_duration("90s") == 90
     assert parse_duration("3600") == 3600
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_presets_load_and_name_their_reference(preset):
+    config = load_config(preset)
+    assert config.model.d_model % config.model.heads == 0
+    assert "reference" in preset.read_text().lower()

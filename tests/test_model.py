@@ -9,6 +9,7 @@ from mt.model import (
     CrossAttention,
     SelfAttention,
     causal_mask,
+    cross_attention_weights,
     decoder_self_mask,
     padding_mask,
     sinusoidal_positions,
@@ -79,6 +80,35 @@ def test_cross_attention_matches_torch_multihead_attention():
     ours_out = ours(x, ours.memory_keys(memory), mask)
     ref_out, _ = reference(x, memory, memory, key_padding_mask=~padding_mask(src))
     assert torch.allclose(ours_out, ref_out, atol=1e-5)
+
+
+def test_cross_attention_weights_are_those_the_attention_uses():
+    """The heatmap weights agree with torch's MultiheadAttention weights and with the model's own output."""
+    dim, heads = 32, 4
+    ours = CrossAttention(dim, heads, dropout=0.0).eval()
+    nn.init.normal_(ours.q_proj.bias)
+    k_w, v_w = ours.kv_proj.weight.chunk(2)
+    biases = torch.cat([ours.q_proj.bias, ours.kv_proj.bias])
+    reference = _reference_attention(dim, heads, ours.q_proj.weight, k_w, v_w, biases, ours.out_proj)
+    x, memory = torch.randn(2, 5, dim), torch.randn(2, 6, dim)
+    src = torch.tensor([[4, 5, 6, EOS, PAD, PAD], [4, 5, 6, 7, 8, EOS]])
+    mask = padding_mask(src)[:, None, None, :]
+    weights = ours.weights(x, ours.memory_keys(memory), mask)
+    _, ref_weights = reference(
+        x, memory, memory, key_padding_mask=~padding_mask(src), need_weights=True, average_attn_weights=False
+    )
+    assert torch.allclose(weights, ref_weights, atol=1e-6)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, heads, 5)) and (weights[0, ..., 4:] == 0).all()
+
+
+def test_cross_attention_weights_of_the_whole_model():
+    model = tiny_model().eval()
+    src, tgt_in = torch.tensor([[5, 6, 7, EOS, PAD], [8, 9, 10, 11, EOS]]), torch.tensor([[BOS, 7, 6], [BOS, 9, 8]])
+    weights = cross_attention_weights(model, src, tgt_in)
+    assert weights.shape == (len(model.decoder), 2, 4, 3, 5)
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6)
+    assert (weights[:, 0, ..., 4] == 0).all()  # the padded source position gets no attention
+    assert all(not layer.cross_attn._forward_pre_hooks for layer in model.decoder)
 
 
 def test_cross_attention_groups_hypotheses_of_a_sentence():

@@ -1,0 +1,173 @@
+"""Export to CTranslate2 (the optional extra `mt[ct2]`) and translate with the exported model.
+
+The exported directory holds CTranslate2's `model.bin` and vocabularies plus copies of the run's
+`config.yaml` and SentencePiece model(s), so `mt translate OUT` works on it like on a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from mt.checkpoint import atomic_write_text
+from mt.config import load_config
+from mt.errors import CheckpointError, MTError
+from mt.model import Transformer
+from mt.search import Hypothesis
+from mt.tokenizer import load_tokenizer, tokenizer_files
+from mt.translate import BEST, Translator, load_model
+
+EXPORT_INFO = "mt_export.json"
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise MTError("CTranslate2 export needs ctranslate2: pip install 'mt[ct2]'") from None
+    return ctranslate2
+
+
+def is_ctranslate2_dir(path: Path) -> bool:
+    return (Path(path) / EXPORT_INFO).is_file() and (Path(path) / "model.bin").is_file()
+
+
+def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
+    """CTranslate2's TransformerSpec holding `model`'s weights (same layout: fused q/k/v, pre- or post-norm)."""
+    from ctranslate2.specs import transformer_spec
+
+    c = model.config
+    spec = transformer_spec.TransformerSpec.from_config(
+        (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre"
+    )
+    spec.config.layer_norm_epsilon = model.encoder[0].attn_block.norm.eps
+    spec.config.add_source_eos = True  # mt ends every source with EOS; decoding starts from <s> (BOS)
+
+    def array(tensor: torch.Tensor):
+        return tensor.detach().float().cpu().numpy()
+
+    def linear(target, module: torch.nn.Linear) -> None:
+        target.weight = array(module.weight)
+        if module.bias is not None:
+            target.bias = array(module.bias)
+
+    def norm(target, module: torch.nn.LayerNorm) -> None:
+        target.gamma, target.beta = array(module.weight), array(module.bias)
+
+    for stack, embedding in ((spec.encoder, model.src_embed), (spec.decoder, model.tgt_embed)):
+        embeddings = stack.embeddings[0] if isinstance(stack.embeddings, list) else stack.embeddings
+        embeddings.weight = array(embedding.weight)
+        stack.scale_embeddings = math.sqrt(model.dim)
+        stack.position_encodings.encodings = array(model.positions)
+    for target, layer in zip(spec.encoder.layer, model.encoder):
+        linear(target.self_attention.linear[0], layer.self_attn.qkv_proj)
+        linear(target.self_attention.linear[1], layer.self_attn.out_proj)
+        norm(target.self_attention.layer_norm, layer.attn_block.norm)
+        linear(target.ffn.linear_0, layer.ffn.fc1)
+        linear(target.ffn.linear_1, layer.ffn.fc2)
+        norm(target.ffn.layer_norm, layer.ffn_block.norm)
+    for target, layer in zip(spec.decoder.layer, model.decoder):
+        linear(target.self_attention.linear[0], layer.self_attn.qkv_proj)
+        linear(target.self_attention.linear[1], layer.self_attn.out_proj)
+        norm(target.self_attention.layer_norm, layer.self_block.norm)
+        linear(target.attention.linear[0], layer.cross_attn.q_proj)
+        linear(target.attention.linear[1], layer.cross_attn.kv_proj)
+        linear(target.attention.linear[2], layer.cross_attn.out_proj)
+        norm(target.attention.layer_norm, layer.cross_block.norm)
+        linear(target.ffn.linear_0, layer.ffn.fc1)
+        linear(target.ffn.linear_1, layer.ffn.fc2)
+        norm(target.ffn.layer_norm, layer.ffn_block.norm)
+    if c.norm == "pre":
+        norm(spec.encoder.layer_norm, model.encoder_norm)
+        norm(spec.decoder.layer_norm, model.decoder_norm)
+    spec.decoder.projection.weight = array(model.output_weight)
+    spec.register_source_vocabulary(src_vocab)
+    spec.register_target_vocabulary(tgt_vocab)
+    return spec
+
+
+def export_ctranslate2(
+    run_dir: Path, out: Path, quantization: str = "int8", checkpoint: str = BEST, force: bool = False
+) -> Path:
+    """Convert a run directory's model to a CTranslate2 model directory `out`."""
+    ctranslate2 = _ctranslate2()
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a model directory (no config.yaml)")
+    if out.exists() and not force:
+        raise MTError(f"{out}: exists; use --force to replace it")
+    config = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir, config.tokenizer.joint)
+    model = load_model(run_dir, config, tokenizer, torch.device("cpu"), checkpoint)
+
+    def pieces(processor) -> list[str]:
+        return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+
+    class MtConverter(ctranslate2.converters.Converter):
+        def _load(self):
+            return _model_spec(model, pieces(tokenizer.src), pieces(tokenizer.tgt))
+
+    try:
+        MtConverter().convert(str(out), quantization=quantization, force=True)
+    except (ValueError, RuntimeError) as exc:
+        raise MTError(f"CTranslate2 conversion failed: {exc}") from None
+    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    for path in tokenizer_files(run_dir, config.tokenizer.joint):
+        shutil.copy(path, out / path.name)
+    info = {"engine": "ctranslate2", "quantization": quantization, "from": str(run_dir), "checkpoint": checkpoint}
+    atomic_write_text(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+    return out
+
+
+class CTranslate2Translator(Translator):
+    """A `Translator` whose search runs in CTranslate2; input chunking, sorting and detokenization are mt's."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", threads: int | None = None):
+        ctranslate2 = _ctranslate2()
+        model_dir = Path(model_dir)
+        if not is_ctranslate2_dir(model_dir):
+            raise CheckpointError(f"{model_dir}: not a CTranslate2 export of mt (see `mt export`)")
+        self.config = load_config(model_dir / "config.yaml")
+        self.tokenizer = load_tokenizer(model_dir, self.config.tokenizer.joint)
+        ct2_device = "cuda" if device in ("auto", "cuda") and ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        self.device = torch.device(ct2_device)
+        self.engine = ctranslate2.Translator(
+            str(model_dir), device=ct2_device, inter_threads=1, intra_threads=threads or torch.get_num_threads()
+        )
+        self.max_source = self.config.model.max_positions - 1
+        self.src_pieces = [self.tokenizer.src.id_to_piece(i) for i in range(self.tokenizer.src_vocab_size)]
+
+    def translate_ids(
+        self,
+        sources: list[list[int]],
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        nbest: int = 1,
+        use_cache: bool = True,
+        no_repeat_ngram: int | None = None,
+    ) -> list[list[Hypothesis]]:
+        d = self.config.decode
+        beam = d.beam if beam is None else beam
+        if not sources:
+            return []
+        longest = max(len(s) for s in sources) + 1
+        results = self.engine.translate_batch(
+            [[self.src_pieces[i] for i in ids] for ids in sources],
+            beam_size=beam,
+            length_penalty=d.length_penalty if length_penalty is None else length_penalty,
+            num_hypotheses=nbest,
+            no_repeat_ngram_size=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+            max_decoding_length=int(d.max_len_a * longest + d.max_len_b),
+            max_batch_size=max(1, d.max_tokens // beam),
+            batch_type="tokens",
+            return_scores=True,
+        )
+        piece_id = self.tokenizer.tgt.piece_to_id
+        return [
+            [Hypothesis([piece_id(p) for p in tokens], score, score) for tokens, score in zip(r.hypotheses, r.scores)]
+            for r in results
+        ]
