@@ -189,7 +189,9 @@ def translate(
     length_penalty: float | None = typer.Option(None, help="Score = log P / length ** this (default from config)."),
     nbest: int = typer.Option(1, help="Print the N best hypotheses per line as `index<TAB>score<TAB>text`."),
     no_repeat_ngram: int | None = typer.Option(None, help="Never repeat an n-gram of this size (0 = allow)."),
-    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint in the run directory or a path (default: decode.checkpoint of its config, best.pt)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     engine: str = typer.Option("auto", help="auto (ctranslate2 for a directory from `mt export`), torch, ctranslate2."),
 ) -> None:
@@ -215,6 +217,37 @@ def translate(
             for t in translations:
                 sys.stdout.write(f"{index}\t{t.score:.4f}\t{t.text}\n")
         sys.stdout.flush()
+
+
+@app.command()
+def tune(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `mt train`."),
+    checkpoint: list[str] = typer.Option(["best.pt"], help="Checkpoint to try (repeatable), e.g. averaged.pt."),
+    beam: list[int] = typer.Option([4, 5], help="Beam size to try (repeatable)."),
+    length_penalty: list[float] = typer.Option([0.6, 1.0, 1.4], help="Length penalty to try (repeatable)."),
+    max_sentences: int = typer.Option(0, help="Use only the first N validation sentences (0 = all)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the table; leave config.yaml alone."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+) -> None:
+    """Choose the decoding defaults (checkpoint, beam, length penalty) by validation BLEU and store them.
+
+    Example: mt average runs/multi30k_de_en --last 3 -o runs/multi30k_de_en/averaged.pt;
+    mt tune runs/multi30k_de_en --checkpoint best.pt --checkpoint averaged.pt
+    """
+    from mt.tuning import format_tuning, tune_decoding
+
+    if min(beam) < 1:
+        raise MTError("--beam must be at least 1")
+    rows, best = tune_decoding(run_dir, checkpoint, beam, length_penalty, device, max_sentences, not dry_run)
+    typer.echo(format_tuning(rows, best))
+    if not dry_run:
+        log.info(
+            "stored in %s: decode.checkpoint=%s beam=%d length_penalty=%g",
+            run_dir / "config.yaml",
+            best["checkpoint"],
+            best["beam"],
+            best["length_penalty"],
+        )
 
 
 @app.command()
@@ -261,7 +294,9 @@ def attention(
     head: int | None = typer.Option(None, help="One attention head (default: the mean over heads)."),
     all_heads: bool = typer.Option(False, "--all-heads", help="A grid with every head of the layer."),
     beam: int | None = typer.Option(None, help="Beam size (default from the model's config)."),
-    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint in the run directory or a path (default: decode.checkpoint of its config, best.pt)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
 ) -> None:
     """Translate a sentence and draw the cross-attention (output pieces x source pieces) as a heatmap.
@@ -287,7 +322,7 @@ def attention(
     log.info("wrote %s", written)
 
 
-def _translator(run_dir: Path, checkpoint: str, device: str, engine: str):
+def _translator(run_dir: Path, checkpoint: str | None, device: str, engine: str):
     from mt.export import CTranslate2Translator, is_ctranslate2_dir
     from mt.translate import Translator
 
@@ -306,7 +341,9 @@ def export(
     quantization: str = typer.Option(
         "int8", help="CTranslate2 weights: int8, int8_float32, int8_float16, int16, float16, bfloat16, float32."
     ),
-    checkpoint: str = typer.Option("best.pt", help="Checkpoint in the run directory (or a path to one)."),
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint in the run directory or a path (default: decode.checkpoint of its config, best.pt)."
+    ),
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ) -> None:
     """Export a model for the CTranslate2 inference engine (pip install 'mt[ct2]').
@@ -332,6 +369,7 @@ def evaluate(
     ),
     samples: int = typer.Option(1000, help="Bootstrap resamples for --paired-bs."),
     beam: int | None = typer.Option(None, help="Beam size when translating (default from the model's config)."),
+    checkpoint: str | None = typer.Option(None, help="Checkpoint when translating (default: decode.checkpoint)."),
     output: Path | None = typer.Option(None, help="Also write the translations of --src here."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
@@ -351,7 +389,7 @@ def evaluate(
             raise MTError("give either --hyp or RUN_DIR with --src, not both")
         systems = {str(path): read_lines(path) for path in hyp}
     elif run_dir is not None and src is not None:
-        translator = _translator(run_dir, "best.pt", device, "auto")
+        translator = _translator(run_dir, checkpoint, device, "auto")
         lines = read_lines(src)
         bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
         hyps = []

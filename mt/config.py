@@ -55,6 +55,9 @@ class ModelConfig:
     norm: Literal["pre", "post"] = "pre"
     tie_embeddings: bool = True  # share source/target/output embeddings (joint vocabulary only)
     max_positions: int = 1024
+    # sinusoidal/learned: absolute position vectors added to the embeddings; rope: rotary position
+    # embedding of self-attention queries and keys, so attention sees relative distance only
+    position: Literal["sinusoidal", "learned", "rope"] = "sinusoidal"
 
 
 @dataclass
@@ -80,6 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = 5  # the last K step checkpoints stay in RUN_DIR/checkpoints (best.pt apart)
     patience: int = 0  # stop after this many validations without a better BLEU (ties: lower loss); 0 = never
     max_bad_steps: int = 5  # updates in a row with a non-finite loss or gradient before the run stops
+    score_test: bool = True  # at the end, translate and score data.test (if present) for the model card
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
 
@@ -92,6 +96,7 @@ class DecodeConfig:
     max_len_b: int = 10
     max_tokens: int = 6144  # source pieces x beam size per decoding batch, padding included
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
+    checkpoint: str = "best.pt"  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from mt.errors import CheckpointError, MTError
 from mt.model import Transformer
 from mt.search import Hypothesis
 from mt.tokenizer import load_tokenizer, tokenizer_files
-from mt.translate import BEST, Translator, load_model
+from mt.translate import Translator, load_model
 
 EXPORT_INFO = "mt_export.json"
 
@@ -41,6 +41,8 @@ def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
     from ctranslate2.specs import transformer_spec
 
     c = model.config
+    if c.position == "rope":
+        raise MTError("CTranslate2 export supports sinusoidal and learned positions, not model.position=rope")
     spec = transformer_spec.TransformerSpec.from_config(
         (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre"
     )
@@ -62,25 +64,25 @@ def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
         embeddings = stack.embeddings[0] if isinstance(stack.embeddings, list) else stack.embeddings
         embeddings.weight = array(embedding.weight)
         stack.scale_embeddings = math.sqrt(model.dim)
-        stack.position_encodings.encodings = array(model.positions)
-    for target, layer in zip(spec.encoder.layer, model.encoder):
+        table = model.positions if model.position_embed is None else model.position_embed.weight
+        stack.position_encodings.encodings = array(table)
+
+    def self_attention_and_ffn(target, layer, attention_block) -> None:
         linear(target.self_attention.linear[0], layer.self_attn.qkv_proj)
         linear(target.self_attention.linear[1], layer.self_attn.out_proj)
-        norm(target.self_attention.layer_norm, layer.attn_block.norm)
+        norm(target.self_attention.layer_norm, attention_block.norm)
         linear(target.ffn.linear_0, layer.ffn.fc1)
         linear(target.ffn.linear_1, layer.ffn.fc2)
         norm(target.ffn.layer_norm, layer.ffn_block.norm)
+
+    for target, layer in zip(spec.encoder.layer, model.encoder):
+        self_attention_and_ffn(target, layer, layer.attn_block)
     for target, layer in zip(spec.decoder.layer, model.decoder):
-        linear(target.self_attention.linear[0], layer.self_attn.qkv_proj)
-        linear(target.self_attention.linear[1], layer.self_attn.out_proj)
-        norm(target.self_attention.layer_norm, layer.self_block.norm)
+        self_attention_and_ffn(target, layer, layer.self_block)
         linear(target.attention.linear[0], layer.cross_attn.q_proj)
         linear(target.attention.linear[1], layer.cross_attn.kv_proj)
         linear(target.attention.linear[2], layer.cross_attn.out_proj)
         norm(target.attention.layer_norm, layer.cross_block.norm)
-        linear(target.ffn.linear_0, layer.ffn.fc1)
-        linear(target.ffn.linear_1, layer.ffn.fc2)
-        norm(target.ffn.layer_norm, layer.ffn_block.norm)
     if c.norm == "pre":
         norm(spec.encoder.layer_norm, model.encoder_norm)
         norm(spec.decoder.layer_norm, model.decoder_norm)
@@ -91,7 +93,7 @@ def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
 
 
 def export_ctranslate2(
-    run_dir: Path, out: Path, quantization: str = "int8", checkpoint: str = BEST, force: bool = False
+    run_dir: Path, out: Path, quantization: str = "int8", checkpoint: str | None = None, force: bool = False
 ) -> Path:
     """Convert a run directory's model to a CTranslate2 model directory `out`."""
     ctranslate2 = _ctranslate2()
@@ -101,6 +103,7 @@ def export_ctranslate2(
     if out.exists() and not force:
         raise MTError(f"{out}: exists; use --force to replace it")
     config = load_config(run_dir / "config.yaml")
+    checkpoint = checkpoint or config.decode.checkpoint
     tokenizer = load_tokenizer(run_dir, config.tokenizer.joint)
     model = load_model(run_dir, config, tokenizer, torch.device("cpu"), checkpoint)
 

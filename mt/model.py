@@ -53,6 +53,31 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
     return table
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) for (B, H, L, Dh) queries or keys.
+
+    Channel i of the first half and channel i of the second half form a pair that is rotated by
+    the angle position * base ** (-2i / Dh); a query-key dot product then depends only on the
+    distance between their positions, not on where they are.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, not {head_dim}")
+        frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * frequency  # (P, Dh/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x (B, H, L, Dh) at positions offset..offset+L-1 -> rotated, same shape."""
+        length, half = x.size(2), x.size(3) // 2
+        cos, sin = self.cos[offset : offset + length].to(x.dtype), self.sin[offset : offset + length].to(x.dtype)
+        first, second = x[..., :half], x[..., half:]
+        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, L, D) -> (B, H, L, Dh)"""
     batch, length, dim = x.shape
@@ -85,22 +110,29 @@ class SelfAttention(nn.Module):
     keys; leaving out the padding mask lets SDPA use its causal kernels (flash attention on GPUs).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = False):
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool = False, rotary: Rotary | None = None):
         super().__init__()
-        self.heads, self.dropout, self.causal = heads, dropout, causal
+        self.heads, self.dropout, self.causal, self.rotary = heads, dropout, causal, rotary
         self.qkv_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, cache: KeyValue | None = None, cache_rows: Tensor | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        cache: KeyValue | None = None,
+        cache_rows: Tensor | None = None,
+        offset: int = 0,
     ) -> tuple[Tensor, KeyValue]:
-        """x (B, L, D); mask broadcastable to (B, H, L, L_total).
+        """x (B, L, D) at positions offset..offset+L-1; mask broadcastable to (B, H, L, L_total).
 
         `cache` holds earlier positions' keys/values; row r of the output continues row
         `cache_rows[r]` of the cache (beam reordering). Returns the output (B, L, D) and the
-        keys/values of all positions seen so far.
+        keys/values of all positions seen so far (keys already rotated, with rotary positions).
         """
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         if cache is not None:
             k, v = _append(cache[0], k, cache_rows), _append(cache[1], v, cache_rows)
         dropout = self.dropout if self.training else 0.0
@@ -168,10 +200,10 @@ class Residual(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, rotary: Rotary | None = None):
         super().__init__()
         pre = c.norm == "pre"
-        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout)
+        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout, rotary=rotary)
         self.ffn = FeedForward(c.d_model, c.ffn_dim, c.activation_dropout)
         self.attn_block, self.ffn_block = Residual(c.d_model, c.dropout, pre), Residual(c.d_model, c.dropout, pre)
 
@@ -183,10 +215,10 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, rotary: Rotary | None = None):
         super().__init__()
         pre = c.norm == "pre"
-        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout, causal=True)
+        self.self_attn = SelfAttention(c.d_model, c.heads, c.attention_dropout, causal=True, rotary=rotary)
         self.cross_attn = CrossAttention(c.d_model, c.heads, c.attention_dropout)
         self.ffn = FeedForward(c.d_model, c.ffn_dim, c.activation_dropout)
         self.self_block, self.cross_block, self.ffn_block = (Residual(c.d_model, c.dropout, pre) for _ in range(3))
@@ -199,9 +231,10 @@ class DecoderLayer(nn.Module):
         memory_mask: Tensor,
         cache: KeyValue | None = None,
         cache_rows: Tensor | None = None,
+        offset: int = 0,
     ) -> tuple[Tensor, KeyValue]:
-        """x (B*K, T, D); self_mask (B*K, 1, T, T), or None: causal (or one cached step)."""
-        attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache, cache_rows)
+        """x (B*K, T, D) at positions offset..; self_mask (B*K, 1, T, T), or None: causal (or one cached step)."""
+        attended, kv = self.self_attn(self.self_block.sublayer_input(x), self_mask, cache, cache_rows, offset)
         x = self.self_block.add(x, attended)
         x = self.cross_block.add(x, self.cross_attn(self.cross_block.sublayer_input(x), memory_kv, memory_mask))
         return self.ffn_block.add(x, self.ffn(self.ffn_block.sublayer_input(x))), kv
@@ -248,10 +281,19 @@ class Transformer(nn.Module):
         share = config.tie_embeddings and shared_vocab
         self.tgt_embed = self.src_embed if share else nn.Embedding(tgt_vocab, config.d_model, padding_idx=PAD)
         self.output_proj = None if config.tie_embeddings else nn.Linear(config.d_model, tgt_vocab, bias=False)
-        self.register_buffer("positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False)
+        self.max_positions = config.max_positions
+        # absolute positions: a fixed sinusoidal table or a learned one, added to the embeddings
+        self.position_embed = (
+            nn.Embedding(config.max_positions, config.d_model) if config.position == "learned" else None
+        )
+        if config.position == "sinusoidal":
+            self.register_buffer(
+                "positions", sinusoidal_positions(config.max_positions, config.d_model), persistent=False
+            )
+        rotary = Rotary(config.d_model // config.heads, config.max_positions) if config.position == "rope" else None
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(config, rotary) for _ in range(config.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.decoder_layers))
         # pre-norm stacks end un-normalised; post-norm layers already end with a norm
         final_norm = (lambda: nn.LayerNorm(config.d_model)) if config.norm == "pre" else nn.Identity
         self.encoder_norm, self.decoder_norm = final_norm(), final_norm()
@@ -265,17 +307,22 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.dim**-0.5)
-                with torch.no_grad():
-                    module.weight[PAD].zero_()
+                if module is not self.position_embed:  # row 0 of the position table is position 0
+                    with torch.no_grad():
+                        module.weight[PAD].zero_()
 
     def _embed(self, tokens: Tensor, table: nn.Embedding, offset: int = 0) -> Tensor:
         """(B, L) ids -> (B, L, D): scaled embedding plus the positions offset..offset+L-1."""
         length = tokens.size(1)
-        if offset + length > self.positions.size(0):
+        if offset + length > self.max_positions:
             raise ValueError(
-                f"sequence of {offset + length} positions exceeds model.max_positions={self.positions.size(0)}"
+                f"sequence of {offset + length} positions exceeds model.max_positions={self.max_positions}"
             )
-        x = table(tokens) * math.sqrt(self.dim) + self.positions[offset : offset + length]
+        x = table(tokens) * math.sqrt(self.dim)
+        if self.position_embed is not None:
+            x = x + self.position_embed.weight[offset : offset + length]
+        elif self.config.position == "sinusoidal":
+            x = x + self.positions[offset : offset + length]
         return self.embed_dropout(x)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -324,10 +371,11 @@ class Transformer(nn.Module):
         """
         if state.self_kv is None:
             return self.decode(prefix, state.memory, state.memory_mask)[:, -1] @ state.output_weight, state
-        x = self._embed(prefix[:, -1:], self.tgt_embed, offset=prefix.size(1) - 1)
+        offset = prefix.size(1) - 1
+        x = self._embed(prefix[:, -1:], self.tgt_embed, offset)
         new_kv, old_kv = [], state.self_kv
         for i, (layer, memory_kv) in enumerate(zip(self.decoder, state.cross_kv)):
-            x, kv = layer(x, None, memory_kv, state.memory_mask, old_kv[i], state.self_rows)
+            x, kv = layer(x, None, memory_kv, state.memory_mask, old_kv[i], state.self_rows, offset)
             old_kv[i] = None  # free this layer's old cache now, not after the last layer (peak memory)
             new_kv.append(kv)
         return self.decoder_norm(x)[:, 0] @ state.output_weight, replace(state, self_kv=new_kv, self_rows=None)

@@ -70,7 +70,8 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
 
 
 def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str, Any] | None:
-    """BLEU/chrF/TER of best.pt on the corpus's test split with the model's decoding defaults, if it has one."""
+    """BLEU/chrF/TER on the corpus's test split with the model's decoding defaults (checkpoint, beam,
+    length penalty), if it has a test split."""
     from mt.translate import Translator
 
     d = config.data
@@ -82,7 +83,7 @@ def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str
         return None
     translator = Translator(run_dir, device=device)
     hyps = [t[0].text for t in translator.translate(read_lines(src_path))]
-    return {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path)}
+    return {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path), "checkpoint": translator.checkpoint}
 
 
 def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] | None = None) -> Path:
@@ -141,7 +142,8 @@ def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] |
         )
     if test:
         lines.append(
-            f"| {d.test} ({test['sentences']} sentences) | beam {dec.beam}, length penalty {dec.length_penalty} | "
+            f"| {d.test} ({test['sentences']} sentences) | {test['checkpoint']}, beam {dec.beam}, "
+            f"length penalty {dec.length_penalty} | "
             f"{test['bleu']:.2f} | {test['chrf']:.2f} | {test['ter']:.2f} |"
         )
         lines += [

@@ -73,7 +73,7 @@ def greedy_search(
     """
     memory, memory_mask = model.encode(src)
     state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(src, max_len_a, max_len_b, model.positions.size(0))
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
@@ -142,7 +142,7 @@ def beam_search(
     device = src.device
     memory, memory_mask = model.encode(src)
     state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(src, max_len_a, max_len_b, model.positions.size(0))
+    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs

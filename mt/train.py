@@ -580,17 +580,18 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
         log.info("all %d replicas hold identical parameters", world.size)
     if not interrupted and world.is_main:
         try:
-            test = test_scores(run_dir, config, str(device))
+            test = test_scores(run_dir, config, str(device)) if t.score_test else None
         except MTError as exc:  # the model is trained and saved; a bad test split must not fail the run
             log.warning("no test scores for the model card: %s", exc)
             test = None
         if test:
             metrics.write(step=progress.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])
             log.info(
-                "%s: BLEU %.2f chrF %.2f with best.pt (%s)",
+                "%s: BLEU %.2f chrF %.2f with %s (%s)",
                 test["file"],
                 test["bleu"],
                 test["chrf"],
+                test["checkpoint"],
                 test["bleu_signature"],
             )
         log.info("model card: %s", write_model_card(run_dir, device, test))

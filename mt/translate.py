@@ -77,15 +77,17 @@ def load_model(
 class Translator:
     """A model directory loaded for translation."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = BEST, device: str = "auto"):
+    def __init__(self, run_dir: str | Path, checkpoint: str | None = None, device: str = "auto"):
+        """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"{run_dir}: not a model directory (no config.yaml); train one with `mt train`")
         self.config = load_config(run_dir / "config.yaml")
         self.tokenizer = load_tokenizer(run_dir, self.config.tokenizer.joint)
         self.device = pick_device(device)
-        self.model = load_model(run_dir, self.config, self.tokenizer, self.device, checkpoint)
-        self.max_source = self.model.positions.size(0) - 1
+        self.checkpoint = checkpoint or self.config.decode.checkpoint
+        self.model = load_model(run_dir, self.config, self.tokenizer, self.device, self.checkpoint)
+        self.max_source = self.model.max_positions - 1
 
     def translate_ids(
         self,

@@ -22,7 +22,7 @@ def _isolated(tmp_path, monkeypatch):
     random.seed(0)
 
 
-def tiny_model(vocab: int = 40, norm: str = "pre", dropout: float = 0.0, tie: bool = True):
+def tiny_model(vocab: int = 40, norm: str = "pre", dropout: float = 0.0, tie: bool = True, position="sinusoidal"):
     config = ModelConfig(
         encoder_layers=2,
         decoder_layers=2,
@@ -33,6 +33,7 @@ def tiny_model(vocab: int = 40, norm: str = "pre", dropout: float = 0.0, tie: bo
         norm=norm,
         tie_embeddings=tie,
         max_positions=128,
+        position=position,
     )
     return build_model(config, vocab, vocab, shared_vocab=True)
 

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mt.checkpoint import save_checkpoint
+from mt.config import load_config
+from mt.translate import Translator
 
 TINY_CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
@@ -411,3 +413,17 @@ def test_quiet_version_and_help_examples(trained):
         "card",
     ):
         assert "Example" in run_mt(*command.split(), "--help").stdout, command
+
+
+def test_tune_chooses_decoding_defaults_on_validation_and_translate_uses_them(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    run_mt("average", str(run), "--last", "2", "-o", str(run / "averaged.pt"))
+    args = ["tune", str(run), "--checkpoint", "best.pt", "--checkpoint", "averaged.pt", "--beam", "1", "--beam", "2"]
+    result = run_mt(*args, "--length-penalty", "1.0", "--max-sentences", "30")
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("best.pt", "averaged.pt"))]
+    assert len(rows) == 4 and sum("<- chosen" in row for row in rows) == 1
+    chosen = next(row for row in rows if "<- chosen" in row).split()
+    config = load_config(run / "config.yaml")
+    assert (config.decode.checkpoint, config.decode.beam) == (chosen[0], int(chosen[1]))
+    assert Translator(run, device="cpu").checkpoint == chosen[0]

@@ -7,6 +7,7 @@ from torch import nn
 
 from mt.model import (
     CrossAttention,
+    Rotary,
     SelfAttention,
     causal_mask,
     cross_attention_weights,
@@ -66,8 +67,8 @@ def test_self_attention_matches_torch_multihead_attention():
     assert torch.allclose(causal_out[real], ref_out[real], atol=1e-5)
 
 
-def test_cross_attention_matches_torch_multihead_attention():
-    dim, heads = 32, 4
+def _cross_attention_and_reference(dim=32, heads=4):
+    """Our cross-attention, torch's MultiheadAttention with the same weights, and inputs with padding."""
     ours = CrossAttention(dim, heads, dropout=0.0).eval()
     nn.init.normal_(ours.q_proj.bias)
     nn.init.normal_(ours.kv_proj.bias)
@@ -76,6 +77,11 @@ def test_cross_attention_matches_torch_multihead_attention():
     reference = _reference_attention(dim, heads, ours.q_proj.weight, k_w, v_w, biases, ours.out_proj)
     x, memory = torch.randn(2, 5, dim), torch.randn(2, 6, dim)
     src = torch.tensor([[4, 5, 6, EOS, PAD, PAD], [4, 5, 6, 7, 8, EOS]])
+    return ours, reference, x, memory, src
+
+
+def test_cross_attention_matches_torch_multihead_attention():
+    ours, reference, x, memory, src = _cross_attention_and_reference()
     mask = padding_mask(src)[:, None, None, :]
     ours_out = ours(x, ours.memory_keys(memory), mask)
     ref_out, _ = reference(x, memory, memory, key_padding_mask=~padding_mask(src))
@@ -83,15 +89,9 @@ def test_cross_attention_matches_torch_multihead_attention():
 
 
 def test_cross_attention_weights_are_those_the_attention_uses():
-    """The heatmap weights agree with torch's MultiheadAttention weights and with the model's own output."""
-    dim, heads = 32, 4
-    ours = CrossAttention(dim, heads, dropout=0.0).eval()
-    nn.init.normal_(ours.q_proj.bias)
-    k_w, v_w = ours.kv_proj.weight.chunk(2)
-    biases = torch.cat([ours.q_proj.bias, ours.kv_proj.bias])
-    reference = _reference_attention(dim, heads, ours.q_proj.weight, k_w, v_w, biases, ours.out_proj)
-    x, memory = torch.randn(2, 5, dim), torch.randn(2, 6, dim)
-    src = torch.tensor([[4, 5, 6, EOS, PAD, PAD], [4, 5, 6, 7, 8, EOS]])
+    """The heatmap weights are those torch's MultiheadAttention computes with the same weights."""
+    ours, reference, x, memory, src = _cross_attention_and_reference()
+    heads = ours.heads
     mask = padding_mask(src)[:, None, None, :]
     weights = ours.weights(x, ours.memory_keys(memory), mask)
     _, ref_weights = reference(
@@ -123,9 +123,19 @@ def test_cross_attention_groups_hypotheses_of_a_sentence():
     assert torch.allclose(grouped, copies, atol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
-def test_padding_does_not_change_encoder_output(norm):
-    model = tiny_model(norm=norm).eval()
+def test_rotary_attention_scores_depend_only_on_distance():
+    rotary = Rotary(head_dim=8, max_positions=64)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    near = (rotary(q, offset=3) * rotary(k, offset=1)).sum()
+    far = (rotary(q, offset=40) * rotary(k, offset=38)).sum()
+    other = (rotary(q, offset=40) * rotary(k, offset=30)).sum()
+    assert torch.allclose(near, far, atol=1e-5) and not torch.allclose(near, other, atol=1e-3)
+    assert torch.allclose(rotary(q, 0), q)  # position 0 is not rotated
+
+
+@pytest.mark.parametrize("norm, position", [("pre", "sinusoidal"), ("post", "sinusoidal"), ("pre", "rope")])
+def test_padding_does_not_change_encoder_output(norm, position):
+    model = tiny_model(norm=norm, position=position).eval()
     short = torch.tensor([[5, 6, 7, EOS]])
     padded = torch.tensor([[5, 6, 7, EOS, PAD, PAD, PAD], [8, 9, 10, 11, 12, 13, EOS]])
     alone, _ = model.encode(short)
@@ -152,8 +162,9 @@ def test_tied_embeddings_share_one_matrix():
     assert untied.output_proj is not None
 
 
-def test_cached_step_equals_full_decoder():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope"])
+def test_cached_step_equals_full_decoder(position):
+    model = tiny_model(position=position).eval()
     src = torch.tensor([[5, 6, 7, EOS, PAD], [8, 9, 10, 11, EOS]])
     tgt = torch.tensor([[BOS, 12, 13, 14], [BOS, 15, 16, 17]])
     memory, mask = model.encode(src)

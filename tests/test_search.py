@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -13,24 +14,29 @@ def _sources():
     return [torch.randint(4, 40, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _random_model():
-    model = tiny_model().eval()
+POSITIONS = pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope"])
+
+
+def _random_model(position="sinusoidal"):
+    model = tiny_model(position=position).eval()
     # sharpen the output distribution so hypotheses end at varied lengths
     with torch.no_grad():
         model.src_embed.weight.mul_(4)
     return model
 
 
-def test_cached_and_uncached_greedy_agree():
-    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+@POSITIONS
+def test_cached_and_uncached_greedy_agree(position):
+    model, src = _random_model(position), pad(_sources(), suffix=[EOS])
     cached = greedy_search(model, src, use_cache=True)
     uncached = greedy_search(model, src, use_cache=False)
     assert [h.tokens for h in cached] == [h.tokens for h in uncached]
     assert any(len(h.tokens) > 3 for h in cached)
 
 
-def test_cached_and_uncached_beam_agree():
-    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+@POSITIONS
+def test_cached_and_uncached_beam_agree(position):
+    model, src = _random_model(position), pad(_sources(), suffix=[EOS])
     cached = beam_search(model, src, beam=5, nbest=5, use_cache=True)
     uncached = beam_search(model, src, beam=5, nbest=5, use_cache=False)
     assert [[h.tokens for h in n] for n in cached] == [[h.tokens for h in n] for n in uncached]
