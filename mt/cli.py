@@ -208,6 +208,9 @@ def translate(
     if not 1 <= nbest <= (beam or translator.config.decode.beam):
         raise MTError("--nbest must be between 1 and the beam size")
     chunks = read_chunks(sys.stdin.fileno())
+    # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
+    into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
+    bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
     for index, translations in enumerate(
         translator.translate_chunks(chunks, beam, length_penalty, nbest, no_repeat_ngram)
     ):
@@ -217,6 +220,8 @@ def translate(
             for t in translations:
                 sys.stdout.write(f"{index}\t{t.score:.4f}\t{t.text}\n")
         sys.stdout.flush()
+        bar.update()
+    bar.close()
 
 
 @app.command()
@@ -277,7 +282,7 @@ def plot(
 ) -> None:
     """Draw learning curves (train/valid loss, valid BLEU and chrF, learning rate) into a PNG.
 
-    Example: mt plot runs/multi30k_de_en   (needs matplotlib: pip install 'mt[plot]')
+    Example: mt plot runs/multi30k_de_en   (needs matplotlib: pip install 'mt\\[plot]')
     """
     from mt.plots import plot_learning_curves
 
@@ -302,7 +307,7 @@ def attention(
     """Translate a sentence and draw the cross-attention (output pieces x source pieces) as a heatmap.
 
     Example: mt attention runs/multi30k_de_en "Ein Hund läuft über die Wiese." --all-heads -o dog.png
-    (needs matplotlib: pip install 'mt[plot]')
+    (needs matplotlib: pip install 'mt\\[plot]')
     """
     from mt.plots import plot_attention
     from mt.translate import Translator
@@ -346,7 +351,7 @@ def export(
     ),
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ) -> None:
-    """Export a model for the CTranslate2 inference engine (pip install 'mt[ct2]').
+    """Export a model for the CTranslate2 inference engine (pip install 'mt\\[ct2]').
 
     Example: mt export runs/multi30k_de_en --quantization int8 -o exported/de_en_int8;
     then: mt translate exported/de_en_int8 < input.de

@@ -76,7 +76,8 @@ class TrainConfig:
     max_epochs: int | None = None
     max_steps: int | None = None
     max_time: str | None = None  # wall-clock budget such as "20m", "1h30m", "90s"
-    valid_sentences: int = 500  # greedy BLEU on this many validation sentences (0 = all)
+    valid_sentences: int = 500  # validation BLEU on this many validation sentences (0 = all)
+    valid_beam: int = 1  # beam size of validation BLEU (1 = greedy: cheap enough for short CPU budgets)
     log_every: int = 50  # steps between metrics-log lines
     valid_every: int = 0  # steps between validations (and checkpoints); 0 = at the end of each epoch only
     save_every: int = 500  # steps between checkpoints besides those at validations; 0 = only at validations
@@ -185,6 +186,7 @@ def _validate(config: Config) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (t.max_bad_steps >= 1, "train.max_bad_steps must be at least 1"),
         (t.log_every >= 1, "train.log_every must be at least 1"),
+        (t.valid_beam >= 1, "train.valid_beam must be at least 1"),
         (config.data.max_length > 0, "data.max_length must be positive"),
         (config.data.max_length_ratio >= 0, "data.max_length_ratio must be >= 0 (0 disables the filter)"),
         (d.beam >= 1, "decode.beam must be at least 1"),

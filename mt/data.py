@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mt.checkpoint import atomic_write_text
 from mt.errors import DataError
+from mt.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,20 @@ def write_corpus(
     return reports
 
 
-def _load_text_files(files: dict[str, str]) -> dict[str, list[str]]:
-    """Read line files (local paths or URLs, optionally .gz) through `datasets`' text loader."""
+def _datasets():
+    """The `datasets` module, its own download/preparation bars following `mt --quiet` and the terminal."""
     import datasets
 
+    if bars_enabled():
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
+    return datasets
+
+
+def _load_text_files(files: dict[str, str]) -> dict[str, list[str]]:
+    """Read line files (local paths or URLs, optionally .gz) through `datasets`' text loader."""
+    datasets = _datasets()
     for split, location in files.items():
         if "://" not in location and not Path(location).is_file():
             raise DataError(f"{location}: file not found (split {split})")
@@ -207,7 +218,7 @@ def fetch_hub(
     name: str, pair: str, config_name: str | None = None, out_dir: str | Path | None = None, force: bool = False
 ) -> dict[str, SplitReport]:
     """Any Hugging Face dataset with a `translation` column of {lang: text} dicts."""
-    import datasets
+    datasets = _datasets()
 
     src_lang, tgt_lang = parse_pair(pair)
     try:

@@ -11,6 +11,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mt.checkpoint import atomic_write_text
@@ -41,11 +42,18 @@ def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
     from ctranslate2.specs import transformer_spec
 
     c = model.config
+    pre_norm = c.norm == "pre"
     if c.position == "rope":
-        raise MTError("CTranslate2 export supports sinusoidal and learned positions, not model.position=rope")
-    spec = transformer_spec.TransformerSpec.from_config(
-        (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=c.norm == "pre"
-    )
+        # rotary on all head channels; ours pairs channel i with i + Dh/2, not with its neighbour
+        rotary = {"rotary_dim": 0, "rotary_interleave": False}
+        spec = transformer_spec.TransformerSpec(
+            transformer_spec.TransformerEncoderSpec(c.encoder_layers, c.heads, pre_norm=pre_norm, **rotary),
+            transformer_spec.TransformerDecoderSpec(c.decoder_layers, c.heads, pre_norm=pre_norm, **rotary),
+        )
+    else:
+        spec = transformer_spec.TransformerSpec.from_config(
+            (c.encoder_layers, c.decoder_layers), c.heads, pre_norm=pre_norm
+        )
     spec.config.layer_norm_epsilon = model.encoder[0].attn_block.norm.eps
     spec.config.add_source_eos = True  # mt ends every source with EOS; decoding starts from <s> (BOS)
 
@@ -64,8 +72,13 @@ def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
         embeddings = stack.embeddings[0] if isinstance(stack.embeddings, list) else stack.embeddings
         embeddings.weight = array(embedding.weight)
         stack.scale_embeddings = math.sqrt(model.dim)
-        table = model.positions if model.position_embed is None else model.position_embed.weight
-        stack.position_encodings.encodings = array(table)
+        if c.position == "learned":
+            stack.position_encodings.encodings = array(model.position_embed.weight)
+        elif c.position == "sinusoidal":
+            stack.position_encodings.encodings = array(model.positions)
+        elif hasattr(stack, "position_encodings"):
+            # CTranslate2's encoder always adds a table (sinusoidal if none is given); rotary models add none
+            stack.position_encodings.encodings = np.zeros((model.max_positions, model.dim), dtype=np.float32)
 
     def self_attention_and_ffn(target, layer, attention_block) -> None:
         linear(target.self_attention.linear[0], layer.self_attn.qkv_proj)
@@ -157,20 +170,28 @@ class CTranslate2Translator(Translator):
         beam = d.beam if beam is None else beam
         if not sources:
             return []
-        longest = max(len(s) for s in sources) + 1
-        results = self.engine.translate_batch(
-            [[self.src_pieces[i] for i in ids] for ids in sources],
-            beam_size=beam,
-            length_penalty=d.length_penalty if length_penalty is None else length_penalty,
-            num_hypotheses=nbest,
-            no_repeat_ngram_size=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
-            max_decoding_length=int(d.max_len_a * longest + d.max_len_b),
-            max_batch_size=max(1, d.max_tokens // beam),
-            batch_type="tokens",
-            return_scores=True,
-        )
+        # CTranslate2 takes one length limit per call; ours is per sentence (mt.search.max_lengths:
+        # pieces with EOS), so sentences sharing a limit go together: a sorted batch has few limits
+        top = self.config.model.max_positions - 1
+        limits = [min(max(int(d.max_len_a * len(ids) + d.max_len_b), 1), top) for ids in sources]
         piece_id = self.tokenizer.tgt.piece_to_id
-        return [
-            [Hypothesis([piece_id(p) for p in tokens], score, score) for tokens, score in zip(r.hypotheses, r.scores)]
-            for r in results
-        ]
+        found: list[list[Hypothesis]] = [[] for _ in sources]
+        for limit in sorted(set(limits)):
+            group = [i for i, value in enumerate(limits) if value == limit]
+            results = self.engine.translate_batch(
+                [[self.src_pieces[i] for i in sources[index]] for index in group],
+                beam_size=beam,
+                length_penalty=d.length_penalty if length_penalty is None else length_penalty,
+                num_hypotheses=nbest,
+                no_repeat_ngram_size=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+                max_decoding_length=max(limit - 1, 1),  # CTranslate2 counts pieces without EOS
+                max_batch_size=max(1, d.max_tokens // beam),
+                batch_type="tokens",
+                return_scores=True,
+            )
+            for index, r in zip(group, results):
+                found[index] = [
+                    Hypothesis([piece_id(p) for p in tokens], score, score)
+                    for tokens, score in zip(r.hypotheses, r.scores)
+                ]
+        return found

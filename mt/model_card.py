@@ -22,6 +22,7 @@ from mt.data import corpus_files, read_lines
 from mt.errors import DataError
 from mt.evaluate import corpus_scores
 from mt.model import build_model, count_parameters
+from mt.search import search_name
 
 CARD = "README.md"
 
@@ -138,7 +139,8 @@ def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] |
     if "valid_bleu" in best:
         count = t.valid_sentences or "all"
         lines.append(
-            f"| {d.valid} (first {count} sentences) | greedy | {best['valid_bleu']:.2f} | {best['valid_chrf']:.2f} | |"
+            f"| {d.valid} (first {count} sentences) | {search_name(t.valid_beam)} | "
+            f"{best['valid_bleu']:.2f} | {best['valid_chrf']:.2f} | |"
         )
     if test:
         lines.append(

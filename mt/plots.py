@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
+from mt.config import load_config
 from mt.errors import CheckpointError, MTError
+from mt.search import search_name
 
 
 def _pyplot():
@@ -56,7 +58,9 @@ def plot_learning_curves(run_dir: Path, out: Path) -> Path:
     loss_ax.legend()
     bleu_ax.plot([r["step"] for r in valid], [r["valid_bleu"] for r in valid], "o-", label="BLEU")
     bleu_ax.plot([r["step"] for r in valid], [r["valid_chrf"] for r in valid], "s--", label="chrF")
-    bleu_ax.set(title="validation scores (greedy)", xlabel="update", ylabel="score")
+    config = Path(run_dir) / "config.yaml"
+    search = search_name(load_config(config).train.valid_beam) if config.is_file() else "greedy"
+    bleu_ax.set(title=f"validation scores ({search})", xlabel="update", ylabel="score")
     bleu_ax.legend()
     lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train])
     lr_ax.set(title="learning rate", xlabel="update", ylabel="lr")

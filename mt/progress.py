@@ -6,6 +6,8 @@ plain periodic log lines instead.
 
 from __future__ import annotations
 
+import sys
+
 from tqdm import tqdm
 
 _quiet = False
@@ -16,8 +18,9 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def is_quiet() -> bool:
-    return _quiet
+def bars_enabled() -> bool:
+    """Whether bars show: not `--quiet`, and stderr is a terminal."""
+    return not _quiet and sys.stderr.isatty()
 
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:

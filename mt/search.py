@@ -26,6 +26,10 @@ class Hypothesis:
     log_prob: float
 
 
+def search_name(beam: int) -> str:
+    return "greedy" if beam == 1 else f"beam {beam}"
+
+
 def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     """(B,) the most pieces (EOS included) each sentence's hypotheses may have."""
     src_len = (src != PAD).sum(dim=1) - 1

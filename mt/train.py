@@ -217,7 +217,7 @@ def validate(
     config: Config,
     device: torch.device,
 ) -> dict[str, float]:
-    """Loss/perplexity over the validation set and greedy BLEU/chrF on its first `valid_sentences`."""
+    """Loss/perplexity over the validation set; BLEU/chrF (beam `valid_beam`) on its first `valid_sentences`."""
     model.eval()
     objective = TranslationLoss(model, config.train.label_smoothing)
     loss_sum = nll_sum = tokens = 0.0
@@ -233,10 +233,10 @@ def validate(
     sources = [corpus.src_sentence(i) for i in range(count)]
     d = config.decode
 
-    def greedy(src):
-        return search(model, src, 1, d.length_penalty, d.max_len_a, d.max_len_b)
+    def decode(src):
+        return search(model, src, config.train.valid_beam, d.length_penalty, d.max_len_a, d.max_len_b)
 
-    best = [found[0].tokens for found in decode_batches(sources, greedy, d.max_tokens, device)]
+    best = [found[0].tokens for found in decode_batches(sources, decode, d.max_tokens, device)]
     hyps = tokenizer.decode_tgt(best)
     scores = corpus_scores(hyps, refs[: len(hyps)])
     return {

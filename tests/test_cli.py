@@ -380,6 +380,20 @@ def test_ctranslate2_float32_greedy_equals_ours_token_for_token(trained, tmp_pat
     assert "exists; use --force" in _error("export", str(trained / "run"), "-o", str(tmp_path / "f32"))
 
 
+def test_ctranslate2_export_of_a_rotary_model_decodes_like_ours(trained, tmp_path):
+    # the trained weights read as a rotary model: other outputs, but both engines must agree on them
+    run = tmp_path / "rope"
+    shutil.copytree(trained / "run", run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("position: sinusoidal", "position: rope"))
+    source = (trained / "test.src").read_text()
+    run_mt("export", str(run), "--quantization", "float32", "-o", str(tmp_path / "f32"))
+    ours = run_mt("translate", str(run), "--beam", "1", stdin=source).stdout
+    sinusoidal = run_mt("translate", str(trained / "run"), "--beam", "1", stdin=source).stdout
+    assert ours != sinusoidal  # the positions really changed
+    assert run_mt("translate", str(tmp_path / "f32"), "--beam", "1", stdin=source).stdout == ours
+
+
 def test_eval_reports_ter_and_compares_systems_by_paired_bootstrap(trained, tmp_path):
     refs = (trained / "test.tgt").read_text().splitlines()
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
@@ -413,6 +427,9 @@ def test_quiet_version_and_help_examples(trained):
         "card",
     ):
         assert "Example" in run_mt(*command.split(), "--help").stdout, command
+    # rich markup must not swallow the names of the optional extras
+    assert "mt[ct2]" in run_mt("export", "--help").stdout
+    assert "mt[plot]" in run_mt("plot", "--help").stdout
 
 
 def test_tune_chooses_decoding_defaults_on_validation_and_translate_uses_them(trained, tmp_path):

@@ -2,6 +2,7 @@ import gzip
 import json
 
 import pytest
+from conftest import run_mt
 
 from mt import data
 from mt.errors import DataError
@@ -37,6 +38,15 @@ def test_fetch_multi30k_through_datasets_from_a_local_mirror(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["dropped_empty"] == 1
     assert len(manifest["splits"]["test"]["sha256"]["en"]) == 64
+
+
+def test_fetch_through_the_cli_draws_no_bars_when_stderr_is_not_a_terminal(tmp_path):
+    # datasets' own download/preparation bars follow mt's rule: log lines only, none with --quiet
+    mirror = _mirror(tmp_path)
+    args = ["data", "fetch", "multi30k", "--pair", "de-en", "--source", str(mirror), "--out"]
+    logged = run_mt(*args, str(tmp_path / "a")).stderr
+    assert "it/s" not in logged and "%|" not in logged and "6 pairs" in logged
+    assert run_mt("--quiet", *args, str(tmp_path / "b")).stderr == ""
 
 
 def test_fetch_multi30k_reads_the_environment_variable(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Training runs that survive kills, signals and diverging losses, through the real command line."""
+"""Training runs through the real command line: surviving kills, signals and diverging losses; validation."""
 
 import json
 import math
@@ -186,3 +186,13 @@ def test_average_command(tmp_path):
 )
 def test_best_checkpoint_is_chosen_by_bleu_then_loss(scores, better):
     assert Progress(best_bleu=25.0, best_loss=3.0).improves(scores) is better
+
+
+def test_validation_bleu_can_use_beam_search(tmp_path):
+    config = _config(tmp_path, "beam", 12)
+    bad = run_mt("train", str(config), "--set", "train.valid_beam=0", check=False)
+    assert bad.returncode == 2 and "train.valid_beam must be at least 1" in bad.stderr
+    run_mt("train", str(config), "--set", "train.valid_beam=3")
+    records = [json.loads(line) for line in (tmp_path / "beam" / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid_bleu" in r for r in records)
+    assert "| valid (first 10 sentences) | beam 3 |" in (tmp_path / "beam" / "README.md").read_text()
