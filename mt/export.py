@@ -18,7 +18,7 @@ from mt.checkpoint import atomic_write_text
 from mt.config import load_config
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer
-from mt.search import Hypothesis
+from mt.search import Hypothesis, max_lengths
 from mt.tokenizer import load_tokenizer, tokenizer_files
 from mt.translate import Translator, load_model
 
@@ -170,10 +170,10 @@ class CTranslate2Translator(Translator):
         beam = d.beam if beam is None else beam
         if not sources:
             return []
-        # CTranslate2 takes one length limit per call; ours is per sentence (mt.search.max_lengths:
-        # pieces with EOS), so sentences sharing a limit go together: a sorted batch has few limits
-        top = self.config.model.max_positions - 1
-        limits = [min(max(int(d.max_len_a * len(ids) + d.max_len_b), 1), top) for ids in sources]
+        # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
+        # sentences sharing a limit go together: a sorted batch has few limits
+        lengths = torch.tensor([len(ids) for ids in sources])
+        limits = max_lengths(lengths, d.max_len_a, d.max_len_b, self.config.model.max_positions).tolist()
         piece_id = self.tokenizer.tgt.piece_to_id
         found: list[list[Hypothesis]] = [[] for _ in sources]
         for limit in sorted(set(limits)):

@@ -30,10 +30,14 @@ def search_name(beam: int) -> str:
     return "greedy" if beam == 1 else f"beam {beam}"
 
 
-def max_lengths(src: Tensor, a: float, b: int, limit: int) -> Tensor:
-    """(B,) the most pieces (EOS included) each sentence's hypotheses may have."""
-    src_len = (src != PAD).sum(dim=1) - 1
-    return (a * src_len.float() + b).long().clamp(1, limit - 1)
+def source_lengths(src: Tensor) -> Tensor:
+    """(B, S) padded sources ending in EOS -> (B,) their lengths without EOS."""
+    return (src != PAD).sum(dim=1) - 1
+
+
+def max_lengths(src_lengths: Tensor, a: float, b: int, limit: int) -> Tensor:
+    """(B,) the most pieces (EOS included) the hypotheses of sources this long (EOS excluded) may have."""
+    return (a * src_lengths.float() + b).long().clamp(1, limit - 1)
 
 
 def ban_repeated_ngrams(log_probs: Tensor, prefix: Tensor, n: int) -> None:
@@ -77,7 +81,7 @@ def greedy_search(
     """
     memory, memory_mask = model.encode(src)
     state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions)
+    limit = max_lengths(source_lengths(src), max_len_a, max_len_b, model.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
@@ -146,7 +150,7 @@ def beam_search(
     device = src.device
     memory, memory_mask = model.encode(src)
     state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(src, max_len_a, max_len_b, model.max_positions)
+    limit = max_lengths(source_lengths(src), max_len_a, max_len_b, model.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs
