@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from torch import nn
+from torch import Tensor, nn
 
 from mt.model import (
     CrossAttention,
+    Dropout,
     Rotary,
     SelfAttention,
     causal_mask,
@@ -123,14 +124,50 @@ def test_cross_attention_groups_hypotheses_of_a_sentence():
     assert torch.allclose(grouped, copies, atol=1e-6)
 
 
+def test_cpu_dropout_drops_p_scales_the_rest_and_keeps_only_a_byte_mask():
+    torch.manual_seed(0)
+    dropout = Dropout(0.1)
+    x = torch.randn(999, 301, requires_grad=True)  # odd element count: the 16-bit samples do not pair up
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x)
+    kept = y != 0
+    assert abs((~kept).float().mean().item() - 0.1) < 0.005
+    scale = 1 / (1 - round(0.1 * 32768) / 32768)
+    assert torch.allclose(y[kept], x[kept] * scale)
+    assert [t.dtype for t in saved] == [torch.bool]  # not a float mask, nor the input
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept * torch.tensor(scale))
+    assert abs(dropout(torch.ones(1_000_000)).mean().item() - 1) < 0.005  # the expectation is unchanged
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+
+
 def test_rotary_attention_scores_depend_only_on_distance():
     rotary = Rotary(head_dim=8, max_positions=64)
-    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    near = (rotary(q, offset=3) * rotary(k, offset=1)).sum()
-    far = (rotary(q, offset=40) * rotary(k, offset=38)).sum()
-    other = (rotary(q, offset=40) * rotary(k, offset=30)).sum()
-    assert torch.allclose(near, far, atol=1e-5) and not torch.allclose(near, other, atol=1e-3)
-    assert torch.allclose(rotary(q, 0), q)  # position 0 is not rotated
+    qkv = torch.randn(1, 1, 3, 1, 8)  # (B, L, q/k/v, H, Dh)
+
+    def score(query_position: int, key_position: int) -> Tensor:
+        return (rotary(qkv, query_position)[0, 0, 0] * rotary(qkv, key_position)[0, 0, 1]).sum()
+
+    assert torch.allclose(score(3, 1), score(40, 38), atol=1e-5)
+    assert not torch.allclose(score(3, 1), score(40, 30), atol=1e-3)
+    assert torch.allclose(rotary(qkv, 0), qkv)  # position 0 is not rotated
+    assert torch.equal(rotary(qkv, 17)[:, :, 2], qkv[:, :, 2])  # values never are
+
+
+def test_rotary_backward_is_the_gradient_of_the_rotation():
+    rotary = Rotary(head_dim=6, max_positions=16).double()
+    qkv = torch.randn(2, 5, 3, 2, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: rotary(x, offset=4), (qkv,))
+    # and the same as autograd through the plain formula
+    half, cos, sin = 3, rotary.cos[4:9, :, None], rotary.sin[4:9, :, None]
+    first, second = qkv[..., :half], qkv[..., half:]
+    plain = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    grad = torch.randn_like(plain)
+    expected = torch.autograd.grad(plain, qkv, grad)[0]
+    assert torch.allclose(rotary(qkv, 4), plain)
+    assert torch.allclose(torch.autograd.grad(rotary(qkv, 4), qkv, grad)[0], expected)
 
 
 @pytest.mark.parametrize("norm, position", [("pre", "sinusoidal"), ("post", "sinusoidal"), ("pre", "rope")])
