@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 
 import torch
 
@@ -31,3 +33,25 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     dtype = autocast_dtype(device, precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _glibc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+
+
+_malloc_trim = _glibc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Batches of varying shapes leave free holes between live tensors in the heap; glibc keeps
+    their pages resident, so a training process's resident set creeps up by hundreds of MB over
+    a run. Trimming every few dozen updates costs a few milliseconds and one round of page
+    faults; trimming every update would cost ~20 % of the CPU training speed.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)

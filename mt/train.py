@@ -36,7 +36,7 @@ from mt.checkpoint import (
 from mt.config import Config, TrainConfig, config_to_dict, load_config, parse_duration, save_config
 from mt.corpus_cache import Batch, EncodedCorpus, prepare_corpus
 from mt.data import corpus_files, iter_pairs
-from mt.device import autocast
+from mt.device import autocast, release_free_heap
 from mt.distributed import (
     World,
     any_rank,
@@ -340,6 +340,38 @@ def check_same_model(saved: Config, given: Config, run_dir: Path) -> None:
         log.info("continuing with changed settings: %s", ", ".join(changed))
 
 
+def _restore(
+    path: Path,
+    state: dict,
+    run_dir: Path,
+    model: Transformer,
+    trainer: Trainer,
+    world: World,
+    fingerprint: str,
+    vocab: list[int],
+) -> Progress:
+    """Load step checkpoint `state` into the model, optimizer and random generators; returns its progress."""
+    if state.get("tokenizer") != fingerprint or state.get("vocab") != vocab:
+        raise CheckpointError(f"{path}: trained with another tokenizer than the one in {run_dir}")
+    model.load_state_dict(state["model"])
+    trainer.load_state_dict(state["trainer"])
+    progress = Progress(**state["progress"])
+    if len(state["rng"]) == world.size:
+        set_rng_state(state["rng"][world.rank])
+    else:
+        log.warning("the run was saved with %d processes, now %d: random draws differ", len(state["rng"]), world.size)
+    log.info(
+        "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)",
+        run_dir,
+        path.name,
+        progress.step,
+        progress.epoch,
+        progress.batches_done,
+        progress.epoch + 1,
+    )
+    return progress
+
+
 def train(config: Config, resume: bool = False) -> Path:
     """Train the model described by `config`; returns the run directory.
 
@@ -380,29 +412,9 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
     trainer = make_trainer(model, t, device, world)
     fingerprint = tokenizer.fingerprint()
     vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
-    progress = Progress()
-    if latest is not None:
-        path, state = latest
-        if state.get("tokenizer") != fingerprint or state.get("vocab") != vocab:
-            raise CheckpointError(f"{path}: trained with another tokenizer than the one in {run_dir}")
-        model.load_state_dict(state["model"])
-        trainer.load_state_dict(state["trainer"])
-        progress = Progress(**state["progress"])
-        if len(state["rng"]) == world.size:
-            set_rng_state(state["rng"][world.rank])
-        else:
-            log.warning(
-                "the run was saved with %d processes, now %d: random draws differ", len(state["rng"]), world.size
-            )
-        log.info(
-            "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)",
-            run_dir,
-            path.name,
-            progress.step,
-            progress.epoch,
-            progress.batches_done,
-            progress.epoch + 1,
-        )
+    progress = Progress() if latest is None else _restore(*latest, run_dir, model, trainer, world, fingerprint, vocab)
+    resumed = latest is not None
+    del latest  # the model and optimizer hold copies of the loaded tensors: keep no second set alive
     log.info(
         "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)",
         len(corpus),
@@ -414,13 +426,15 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl") if world.is_main else None
     if metrics:
-        event = "resume" if latest is not None else "start"
+        event = "resume" if resumed else "start"
         metrics.write(event=event, step=progress.step, world_size=world.size, device=str(device), precision=t.precision)
     start = session_start - progress.elapsed  # and the training time of earlier sessions of the run
 
     def save_checkpoint_now() -> Path:
         """Every rank's generator states go into rank 0's checkpoint (all ranks must call this)."""
-        progress.elapsed = time.monotonic() - start
+        nonlocal paused_seconds
+        began = time.monotonic()
+        progress.elapsed = began - start
         rng = gather_objects(world, rng_state())
         path = step_checkpoint(run_dir, progress.step)
         if world.is_main:
@@ -435,6 +449,7 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
             }
             save_checkpoint(path, state)
             prune_checkpoints(run_dir, t.keep_checkpoints)
+        paused_seconds += time.monotonic() - began
         return path
 
     def validate_and_save() -> bool:
@@ -463,17 +478,20 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
                 time.monotonic() - began,
             )
         progress.last_validated_step = progress.step
-        nonlocal validation_seconds
+        nonlocal validation_seconds, paused_seconds
         validation_seconds = time.monotonic() - began
+        paused_seconds += validation_seconds
         out_of_patience = any_rank(world, out_of_patience, device)  # rank 0 decides for all
         if out_of_patience:
             log.info("no better validation BLEU in %d validations: stopping early", t.patience)
         save_checkpoint_now()
+        release_free_heap()  # validation's differently shaped tensors left holes in the heap
         return out_of_patience
 
     validation_seconds = 0.0  # the last validation's duration: the time budget keeps room for one more
     bad_in_a_row = 0
     window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()  # totals since the last metrics line
+    paused_seconds = 0.0  # of the window, spent validating and saving: not training throughput
     per_update = t.update_freq * world.size
 
     def should_stop(signalled: bool) -> tuple[bool, bool]:
@@ -528,7 +546,8 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
                     window.add(stats)
                     if progress.step % t.log_every == 0:
                         total = StepStats(*sum_over_ranks(world, window.as_list(), device))
-                        record = _window_record(total, time.monotonic() - window_start, progress.step, epoch, lr)
+                        training_seconds = time.monotonic() - window_start - paused_seconds
+                        record = _window_record(total, training_seconds, progress.step, epoch, lr)
                         record = {**record, "elapsed": time.monotonic() - start}
                         if metrics:
                             metrics.write(**record)
@@ -544,8 +563,9 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
                                 lr,
                                 record["tgt_tokens_per_s"],
                             )
-                        window, window_start = StepStats(0.0, 0, 0, 0), time.monotonic()
+                        window, window_start, paused_seconds = StepStats(0.0, 0, 0, 0), time.monotonic(), 0.0
                         corpus.release_pages()
+                        release_free_heap()
                     if t.valid_every and progress.step % t.valid_every == 0:
                         finished = validate_and_save()
                     elif t.save_every and progress.step % t.save_every == 0:
