@@ -437,13 +437,15 @@ class Transformer(nn.Module):
         return DecoderState(memory, memory_mask, cross_kv, self_kv, self.output_weight.t().contiguous())
 
     def step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """Next-token logits: prefix (B*K, t) holds every token so far (BOS first) -> (B*K, V).
+        """The decoder's output at the next position: prefix (B*K, t), every token so far (BOS first) -> (B*K, D).
+
+        Its next-token logits are `hidden @ state.output_weight`.
 
         With a cache only the last token is run through the decoder; without one (the reference
         path) the whole prefix is. The cache of the `state` passed in is consumed: use the returned one.
         """
         if state.self_kv is None:
-            return self.decode(prefix, state.memory, state.memory_mask)[:, -1] @ state.output_weight, state
+            return self.decode(prefix, state.memory, state.memory_mask)[:, -1], state
         offset = prefix.size(1) - 1
         x = self._embed(prefix[:, -1:], self.tgt_embed, offset)
         new_kv, old_kv = [], state.self_kv
@@ -451,7 +453,7 @@ class Transformer(nn.Module):
             x, kv = layer(x, None, memory_kv, state.memory_mask, old_kv[i], state.self_rows, offset)
             old_kv[i] = None  # free this layer's old cache now, not after the last layer (peak memory)
             new_kv.append(kv)
-        return self.decoder_norm(x)[:, 0] @ state.output_weight, replace(state, self_kv=new_kv, self_rows=None)
+        return self.decoder_norm(x)[:, 0], replace(state, self_kv=new_kv, self_rows=None)
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import mt.search
 from mt.batching import pad
-from mt.search import beam_search, greedy_search
+from mt.search import Hypothesis, beam_search, greedy_search
 from mt.tokenizer import EOS
 
 
@@ -42,6 +43,21 @@ def test_cached_and_uncached_beam_agree(position):
     assert [[h.tokens for h in n] for n in cached] == [[h.tokens for h in n] for n in uncached]
     for a, b in zip(cached, uncached):
         assert all(abs(x.score - y.score) < 1e-4 for x, y in zip(a, b))
+
+
+def test_scoring_in_chunks_of_sentences_changes_no_hypothesis(monkeypatch):
+    model, src = _random_model(), pad(_sources(), suffix=[EOS])
+
+    def decode() -> list[list[Hypothesis]]:
+        beams = beam_search(model, src, beam=5, nbest=5, no_repeat_ngram=2)
+        return beams + [[h] for h in greedy_search(model, src, no_repeat_ngram=2)]
+
+    whole = decode()
+    monkeypatch.setattr(mt.search, "CHUNK_ELEMENTS", 2 * 5 * model.output_weight.size(0))  # 2 sentences per chunk
+    chunked = decode()
+    assert [[h.tokens for h in n] for n in chunked] == [[h.tokens for h in n] for n in whole]
+    # matrix products over fewer rows may round differently in the last bit
+    assert all(abs(a.score - b.score) < 1e-5 for x, y in zip(chunked, whole) for a, b in zip(x, y))
 
 
 def test_beam_one_equals_greedy_without_length_penalty():
