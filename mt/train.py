@@ -404,6 +404,7 @@ def _train(config: Config, world: World, device: torch.device, resume: bool) -> 
         remove_partial_writes(run_dir)
     _seed_everything(t.seed)
     tokenizer, corpus, valid = prepare_data(config, run_dir, world)
+    release_free_heap()  # what SentencePiece training and corpus encoding freed
     d = config.data
     valid_refs = [tgt for _, tgt in iter_pairs(*corpus_files(d.dir, d.valid, d.src, d.tgt), d.errors)]
 
