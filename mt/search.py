@@ -132,7 +132,8 @@ def greedy_search(
         forced = length >= limit
         weight = state.output_weight
         best, token = best_extensions(hidden, weight, prefix, log_prob[:, None], forced, 1, no_repeat_ngram)
-        log_prob, token = best[:, 0], token[:, 0]
+        # EOS at the limit even when every score is NaN (a diverged model), where max would pick another piece
+        log_prob, token = best[:, 0], torch.where(forced, EOS, token[:, 0])
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done = token == EOS
         if not done.any():
