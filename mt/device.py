@@ -1,4 +1,4 @@
-"""Device selection and mixed precision, in one place."""
+"""Device selection, mixed precision and giving freed host memory back, in one place."""
 
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def release_free_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
 
     Batches of varying shapes leave free holes between live tensors in the heap; glibc keeps
-    their pages resident, so a training process's resident set creeps up by hundreds of MB over
-    a run. Trimming every few dozen updates costs a few milliseconds and one round of page
-    faults; trimming every update would cost ~20 % of the CPU training speed.
+    their pages resident, so a CPU training process's resident set creeps up (by ~130 MB in 100 s
+    of a Multi30k run). Each trim costs a round of page faults when the memory is used again, so
+    `mt train` trims every few dozen updates: trimming after every update cost ~20 % of the speed.
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
