@@ -90,13 +90,14 @@ def best_extensions(
         log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
         if no_repeat_ngram:
             ban_repeated_ngrams(log_probs, prefix[rows], no_repeat_ngram)
-        log_probs = log_probs.view(end - start, open_per_sentence, vocab)
+        candidates = log_probs.view(end - start, open_per_sentence, vocab).add_(scores[start:end, :, None])
         forced = at_limit[start:end]
         if forced.any():
-            eos = log_probs[forced, :, EOS]
-            log_probs[forced] = -torch.inf
-            log_probs[forced, :, EOS] = eos
-        candidates = log_probs.add_(scores[start:end, :, None]).view(end - start, open_per_sentence * vocab)
+            # after the scores are added, so EOS stays the only choice even where they are NaN (a diverged model)
+            eos = candidates[forced, :, EOS]
+            candidates[forced] = -torch.inf
+            candidates[forced, :, EOS] = eos
+        candidates = candidates.view(end - start, open_per_sentence * vocab)
         if count == 1:  # greedy: max keeps the first of equal scores
             chunks.append(candidates.max(dim=1, keepdim=True))
         else:
@@ -132,8 +133,7 @@ def greedy_search(
         forced = length >= limit
         weight = state.output_weight
         best, token = best_extensions(hidden, weight, prefix, log_prob[:, None], forced, 1, no_repeat_ngram)
-        # EOS at the limit even when every score is NaN (a diverged model), where max would pick another piece
-        log_prob, token = best[:, 0], torch.where(forced, EOS, token[:, 0])
+        log_prob, token = best[:, 0], token[:, 0]
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done = token == EOS
         if not done.any():
