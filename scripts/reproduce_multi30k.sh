@@ -40,7 +40,7 @@ mt=mt
 data=data/multi30k-$pair
 config=configs/multi30k_${src}_${tgt}.yaml
 if [ "$pair" = de-en ] && [ "$minutes" -ge 40 ]; then
-    overrides=(--set model.dropout=0.3 --set train.lr=0.0015 "${overrides[@]}")  # the user's --set come later and win
+    overrides=(--set model.dropout=0.3 --set train.lr=0.0015 ${overrides[@]+"${overrides[@]}"})  # the user's --set come later and win
 fi
 run_dir=${run_dir:-runs/multi30k_${src}_${tgt}_${minutes}m}
 if [ -e "$run_dir" ]; then
@@ -56,7 +56,7 @@ if [ "$left" -le 0 ]; then
 fi
 # the test split stays unseen until the decoding choices are made on validation
 "$mt" train "$config" --max-time "${left}s" --set "train.run_dir=$run_dir" --set train.score_test=false \
-    "${overrides[@]}"
+    ${overrides[@]+"${overrides[@]}"}  # (empty arrays under set -u fail in bash 3.2, macOS's)
 echo "training finished after $(( $(date +%s) - start )) s of the ${minutes}-minute budget" >&2
 
 checkpoints=$(find "$run_dir/checkpoints" -name 'step*.pt' | wc -l)
