@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mt.tokenizer import BOS, EOS, PAD
+from mt.vocab import BOS, EOS, PAD
 
 _CHUNK = 1 << 16  # lengths turned into Python ints at a time while packing batches
 

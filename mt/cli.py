@@ -17,8 +17,26 @@ import typer
 from mt import __version__
 from mt.errors import MTError
 from mt.progress import progress_bar, set_quiet
+from mt.run_dir import BEST, RunDir
+
+_options = {"debug": False}
+
+
+class _Commands(typer.core.TyperGroup):
+    """Every command's MTError becomes one line `mt: error: ...` and exit code 2 (`--debug`: the traceback)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except MTError as exc:
+            if _options["debug"]:
+                raise
+            typer.echo(f"mt: error: {exc}", err=True)
+            ctx.exit(2)
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Train, run and score Transformer translation models.",
     no_args_is_help=True,
     add_completion=True,
@@ -28,7 +46,6 @@ data_app = typer.Typer(help="Fetch or import parallel corpora into data/.", no_a
 app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mt")
-_options = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -46,12 +63,14 @@ def _main(
 ) -> None:
     _options["debug"] = debug
     set_quiet(quiet)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    # a handler of mt's own logger, made anew for each command (in-process callers swap sys.stderr)
+    for handler in [h for h in log.handlers if getattr(h, "mt_cli", False)]:
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.mt_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def _report(reports: dict) -> None:
@@ -151,9 +170,9 @@ def train(
         overrides.append(f"data.errors={errors}")
     if config.is_dir():  # a run directory: its own config, written by the run
         overrides.insert(0, f"train.run_dir={config}")
-        config = config / "config.yaml"
+        config = RunDir(config).config
     cfg = load_config(config, overrides)
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(loggers=[log]):
         run_training(cfg, resume)
 
 
@@ -169,16 +188,16 @@ def average(
     Example: mt average runs/multi30k_de_en --last 5 -o runs/multi30k_de_en/averaged.pt;
     then mt translate runs/multi30k_de_en --checkpoint averaged.pt
     """
-    from mt.checkpoint import average_checkpoints, list_checkpoints, save_checkpoint
+    from mt.run_dir import average_weights, save_checkpoint
 
     if last < 1:
         raise MTError("--last must be at least 1")
     if output.exists() and not force:
         raise MTError(f"{output}: exists; use --force to replace it")
-    paths = list_checkpoints(run_dir)
+    paths = RunDir(run_dir).step_checkpoints()
     if len(paths) < last:
         raise MTError(f"{run_dir}: has {len(paths)} step checkpoints, fewer than --last {last}")
-    save_checkpoint(output, average_checkpoints(paths[-last:]))
+    save_checkpoint(output, average_weights(paths[-last:]))
     log.info("averaged %s into %s", ", ".join(p.name for p in paths[-last:]), output)
 
 
@@ -200,20 +219,18 @@ def translate(
     Examples: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5;
     mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export)
     """
-    from mt.translate import read_chunks
+    from mt.translate import Translator, read_chunks
 
-    if beam is not None and beam < 1:
-        raise MTError("--beam must be at least 1")
-    translator = _translator(run_dir, checkpoint, device, engine)
-    if not 1 <= nbest <= (beam or translator.config.decode.beam):
-        raise MTError("--nbest must be between 1 and the beam size")
-    chunks = read_chunks(sys.stdin.fileno())
+    translator = Translator(run_dir, checkpoint, device, engine)
+    options = translator.options(beam=beam, length_penalty=length_penalty, nbest=nbest, no_repeat_ngram=no_repeat_ngram)
+    try:
+        chunks = read_chunks(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdin without a file descriptor (an in-process caller)
+        chunks = read_chunks(sys.stdin.buffer)
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
-    for index, translations in enumerate(
-        translator.translate_chunks(chunks, beam, length_penalty, nbest, no_repeat_ngram)
-    ):
+    for index, translations in enumerate(translator.translate_chunks(chunks, options)):
         if nbest == 1:
             sys.stdout.write(translations[0].text + "\n")
         else:
@@ -227,7 +244,7 @@ def translate(
 @app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="Run directory written by `mt train`."),
-    checkpoint: list[str] = typer.Option(["best.pt"], help="Checkpoint to try (repeatable), e.g. averaged.pt."),
+    checkpoint: list[str] = typer.Option([BEST], help="Checkpoint to try (repeatable), e.g. averaged.pt."),
     beam: list[int] = typer.Option([4, 5], help="Beam size to try (repeatable)."),
     length_penalty: list[float] = typer.Option([0.6, 1.0, 1.4], help="Length penalty to try (repeatable)."),
     max_sentences: int = typer.Option(0, help="Use only the first N validation sentences (0 = all)."),
@@ -248,7 +265,7 @@ def tune(
     if not dry_run:
         log.info(
             "stored in %s: decode.checkpoint=%s beam=%d length_penalty=%g",
-            run_dir / "config.yaml",
+            RunDir(run_dir).config,
             best["checkpoint"],
             best["beam"],
             best["length_penalty"],
@@ -267,12 +284,12 @@ def card(
     """
     from mt.config import load_config
     from mt.device import pick_device
-    from mt.model_card import test_scores, write_model_card
+    from mt.model_card import facts_from_files, test_scores, write_model_card
+    from mt.run_dir import model_dir
 
-    if not (run_dir / "config.yaml").is_file():
-        raise MTError(f"{run_dir}: not a run directory (no config.yaml)")
-    scores = test_scores(run_dir, load_config(run_dir / "config.yaml"), device) if test else None
-    log.info("wrote %s", write_model_card(run_dir, pick_device(device), scores))
+    run = model_dir(run_dir)
+    scores = test_scores(run.path, load_config(run.config), device) if test else None
+    log.info("wrote %s", write_model_card(run.path, pick_device(device), facts_from_files(run), scores))
 
 
 @app.command()
@@ -312,8 +329,8 @@ def attention(
     from mt.plots import plot_attention
     from mt.translate import Translator
 
-    translator = Translator(run_dir, checkpoint, device)
-    weights, src_pieces, tgt_pieces, text = translator.attention(sentence, beam)
+    translator = Translator(run_dir, checkpoint, device, engine="torch")
+    weights, src_pieces, tgt_pieces, text = translator.attention(sentence, translator.options(beam=beam))
     layers, heads = weights.shape[:2]
     if not -layers <= layer < layers:
         raise MTError(f"--layer {layer}: the decoder has {layers} layers (0..{layers - 1}, or -1 for the last)")
@@ -325,17 +342,6 @@ def attention(
     )
     typer.echo(text)
     log.info("wrote %s", written)
-
-
-def _translator(run_dir: Path, checkpoint: str | None, device: str, engine: str):
-    from mt.export import CTranslate2Translator, is_ctranslate2_dir
-    from mt.translate import Translator
-
-    if engine not in ("auto", "torch", "ctranslate2"):
-        raise MTError(f"--engine {engine!r}: use auto, torch or ctranslate2")
-    if engine == "ctranslate2" or (engine == "auto" and is_ctranslate2_dir(run_dir)):
-        return CTranslate2Translator(run_dir, device)
-    return Translator(run_dir, checkpoint, device)
 
 
 @app.command()
@@ -356,7 +362,7 @@ def export(
     Example: mt export runs/multi30k_de_en --quantization int8 -o exported/de_en_int8;
     then: mt translate exported/de_en_int8 < input.de
     """
-    from mt.export import export_ctranslate2
+    from mt.ct2 import export_ctranslate2
 
     if format != "ctranslate2":
         raise MTError(f"--format {format!r}: only ctranslate2 is supported")
@@ -384,9 +390,10 @@ def evaluate(
     Examples: mt eval runs/multi30k_de_en --src data/multi30k-de-en/test.de --ref data/multi30k-de-en/test.en;
     mt eval --hyp base.en --hyp new.en --ref data/multi30k-de-en/test.en --paired-bs
     """
-    from mt.checkpoint import atomic_write_text
     from mt.data import read_lines
     from mt.evaluate import corpus_scores, format_paired, format_scores, paired_bootstrap
+    from mt.files import atomic_write_text
+    from mt.translate import Translator
 
     refs = read_lines(ref)
     if hyp:
@@ -394,11 +401,11 @@ def evaluate(
             raise MTError("give either --hyp or RUN_DIR with --src, not both")
         systems = {str(path): read_lines(path) for path in hyp}
     elif run_dir is not None and src is not None:
-        translator = _translator(run_dir, checkpoint, device, "auto")
+        translator = Translator(run_dir, checkpoint, device)
         lines = read_lines(src)
         bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
         hyps = []
-        for translations in translator.translate(lines, beam):
+        for translations in translator.translate(lines, translator.options(beam=beam)):
             hyps.append(translations[0].text)
             bar.update()
         bar.close()

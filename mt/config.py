@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from mt.errors import ConfigError
+from mt.files import atomic_write_text
+from mt.run_dir import BEST
 
 
 @dataclass
@@ -97,7 +99,8 @@ class DecodeConfig:
     max_len_b: int = 10
     max_tokens: int = 6144  # source pieces x beam size per decoding batch, padding included
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
-    checkpoint: str = "best.pt"  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
+    checkpoint: str = BEST  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
 
 
 @dataclass
@@ -258,8 +261,6 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    from mt.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 

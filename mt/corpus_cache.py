@@ -3,8 +3,10 @@
 `RUN_DIR/cache/{split}.src.bin` and `.tgt.bin` hold the piece ids of every kept pair back to
 back (uint16 when the vocabulary fits, int32 otherwise); `{split}.lengths.npy` holds the
 (pairs, 2) piece counts; `{split}.json` records checksums of the text files and of the tokenizer
-they were encoded with. A later run (a resume, a second run in the same directory) reuses the
-files when those checksums still match, and encodes again when the corpus or tokenizer changed.
+they were encoded with. A split prepared with `texts=True` (validation) also keeps the target
+text of its pairs in `{split}.tgt.txt`: the references that validation BLEU scores against.
+A later run (a resume, a second run in the same directory) reuses the files when those checksums
+still match, and encodes again when the corpus or tokenizer changed.
 Resident memory stays at a few bytes per pair however large the corpus: the ids stay on disk.
 """
 
@@ -21,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mt.checkpoint import atomic_write, atomic_write_text
 from mt.data import file_sha256, iter_pairs
+from mt.files import atomic_write, atomic_write_text
 from mt.progress import progress_bar
-from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+from mt.tokenizer import Tokenizer
+from mt.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class EncodedCorpus:
         self.tgt_offsets = np.concatenate([[0], np.cumsum(self.tgt_piece_counts, dtype=np.int64)])
         self.src_ids = self._map(cache_dir / f"{split}.src.bin", dtype)
         self.tgt_ids = self._map(cache_dir / f"{split}.tgt.bin", dtype)
+        self._texts_path = cache_dir / f"{split}.tgt.txt"
 
     @staticmethod
     def _map(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -73,6 +77,11 @@ class EncodedCorpus:
     def tgt_sentence(self, index: int) -> list[int]:
         return self.tgt_ids[self.tgt_offsets[index] : self.tgt_offsets[index + 1]].tolist()
 
+    def tgt_texts(self) -> list[str]:
+        """The target side as text, one line per pair (a split prepared with `texts=True`)."""
+        lines = self._texts_path.read_bytes().decode("utf-8").split("\n")  # no newline translation: keep \r
+        return lines[: len(self)]
+
     def batch(self, indices: np.ndarray | list[int]) -> Batch:
         """Padded (src `ids EOS`, tgt_in `BOS ids`, tgt_out `ids EOS`) tensors of the pairs at `indices`."""
         indices = np.asarray(indices)
@@ -87,12 +96,12 @@ class EncodedCorpus:
 
     @staticmethod
     def _padded(ids: np.ndarray, offsets: np.ndarray, indices: np.ndarray, shift: int) -> np.ndarray:
-        """(B, longest + 1) int64 of PAD with each row's ids copied in from column `shift`."""
-        starts, ends = offsets[indices], offsets[indices + 1]
-        out = np.full((len(indices), int((ends - starts).max()) + 1), PAD, dtype=np.int64)
-        for row, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-            out[row, shift : shift + end - start] = ids[start:end]
-        return out
+        """(B, longest + 1) int64 of PAD with each row's ids copied in from column `shift`, in one gather."""
+        starts, counts = offsets[indices], offsets[indices + 1] - offsets[indices]
+        columns = np.arange(int(counts.max()) + 1) - shift  # position in the sentence of each column
+        inside = (columns >= 0) & (columns < counts[:, None])
+        gathered = ids[np.where(inside, starts[:, None] + columns, 0)] if len(ids) else np.zeros(inside.shape)
+        return np.where(inside, gathered, PAD).astype(np.int64)
 
     def release_pages(self) -> None:
         """Drop the mapped pages from this process's resident set (they stay in the page cache)."""
@@ -108,9 +117,15 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[
 
 
 def _cache_key(
-    src_path: Path, tgt_path: Path, tokenizer: Tokenizer, max_length: int | None, max_length_ratio: float, errors: str
+    src_path: Path,
+    tgt_path: Path,
+    tokenizer: Tokenizer,
+    max_length: int | None,
+    max_length_ratio: float,
+    errors: str,
+    texts: bool,
 ) -> dict:
-    return {
+    key = {
         "format": FORMAT,
         "src": str(src_path),
         "src_sha256": file_sha256(src_path),
@@ -121,6 +136,7 @@ def _cache_key(
         "max_length_ratio": max_length_ratio,
         "errors": errors,
     }
+    return {**key, "texts": True} if texts else key  # caches written without texts keep their key
 
 
 def prepare_corpus(
@@ -132,6 +148,7 @@ def prepare_corpus(
     max_length: int | None,
     max_length_ratio: float = 0.0,
     errors: str = "strict",
+    texts: bool = False,
 ) -> EncodedCorpus:
     """Encode a split into `cache_dir` (or reuse the files there when nothing changed) and map it.
 
@@ -143,7 +160,7 @@ def prepare_corpus(
     """
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / f"{split}.json"
-    key = _cache_key(src_path, tgt_path, tokenizer, max_length, max_length_ratio, errors)
+    key = _cache_key(src_path, tgt_path, tokenizer, max_length, max_length_ratio, errors, texts)
     if meta_path.is_file():
         try:
             if json.loads(meta_path.read_text()).get("key") == key:
@@ -157,6 +174,7 @@ def prepare_corpus(
     largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
     lengths: list[np.ndarray] = []
+    kept_texts: list[str] = []
     too_long = bad_ratio = 0
     threads = _cpu_count()
 
@@ -179,6 +197,8 @@ def prepare_corpus(
                 flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
                 handle.write(np.fromiter(flat, dtype=dtype).tobytes())
             lengths.append(counts[keep])
+            if texts:
+                kept_texts.extend(t for (_, t), k in zip(chunk, kept) if k)
             bar.update(len(chunk))
         bar.close()
 
@@ -188,6 +208,8 @@ def prepare_corpus(
     atomic_write(cache_dir / f"{split}.src.bin", write_both)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), dtype=np.int32)
     atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, all_lengths))
+    if texts:
+        atomic_write_text(cache_dir / f"{split}.tgt.txt", "".join(line + "\n" for line in kept_texts))
     if too_long:
         log.warning("%s: left out %d pairs longer than data.max_length=%d pieces", src_path, too_long, max_length)
     if bad_ratio:

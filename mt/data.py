@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
-from mt.checkpoint import atomic_write_text
 from mt.errors import DataError
+from mt.files import atomic_write_text
 from mt.progress import bars_enabled
 
 log = logging.getLogger(__name__)

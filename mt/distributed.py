@@ -64,18 +64,18 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def sum_over_ranks(world: World, values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of `values` across ranks (one collective for the whole list)."""
+def sum_over_ranks(world: World, values: torch.Tensor) -> torch.Tensor:
+    """`values` summed element-wise across ranks, in place (one collective for the whole tensor)."""
+    if world.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+def sum_values(world: World, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` across ranks."""
     if not world.distributed:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def any_rank(world: World, flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (so all ranks stop together)."""
-    return sum_over_ranks(world, [float(flag)], device)[0] > 0
+    return sum_over_ranks(world, torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def check_replicas(world: World, model: nn.Module, device: torch.device) -> float:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mt.tokenizer import PAD
+from mt.vocab import PAD
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
 

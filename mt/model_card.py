@@ -1,8 +1,10 @@
 """RUN_DIR/README.md: what a trained model is, how it was made and how good it is, in one page.
 
-Everything comes from the run directory itself (config, checkpoints, encoded-corpus records,
-metrics) plus the corpus manifest, so `mt card RUN_DIR` can write it again at any time; the
-test split, when the corpus has one, is translated once with best.pt and scored.
+What a run knows of itself (steps, time, parameters, its best validation) comes in as `CardFacts`:
+from the training run's memory when it finishes, or read from the run directory's checkpoints by
+`mt card RUN_DIR`, which can write the card again at any time. The rest comes from the run
+directory's config and encoded-corpus records plus the corpus manifest; the test split, when the
+corpus has one, is translated once with the model's decoding defaults and scored.
 """
 
 from __future__ import annotations
@@ -10,21 +12,48 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from mt.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint
 from mt.config import Config, config_to_dict, load_config
 from mt.data import corpus_files, read_lines
 from mt.errors import DataError
 from mt.evaluate import corpus_scores
-from mt.model import build_model, count_parameters
+from mt.files import atomic_write_text
+from mt.run_dir import RunDir, load_state, load_weights
 from mt.search import search_name
 
-CARD = "README.md"
+
+@dataclass
+class CardFacts:
+    """What the card says of the training itself."""
+
+    steps: int | None = None
+    epochs: int | None = None
+    elapsed: float = 0.0  # seconds of training
+    world_size: int = 1
+    parameters: int | None = None
+    best_step: int | None = None
+    best_scores: dict[str, float] = field(default_factory=dict)  # valid_bleu, valid_chrf, ... of best.pt
+
+
+def facts_from_files(run: RunDir) -> CardFacts:
+    """The card's facts read back from best.pt and the newest step checkpoint."""
+    facts = CardFacts()
+    steps = run.step_checkpoints()
+    if steps:
+        newest = load_state(steps[-1])
+        progress = newest.get("progress", {})
+        facts.steps, facts.epochs = progress.get("step"), progress.get("epoch")
+        facts.elapsed, facts.world_size = progress.get("elapsed", 0.0), newest.get("world_size", 1)
+    if run.best.is_file():
+        best = load_weights(run.best)
+        facts.parameters, facts.best_step, facts.best_scores = best.parameter_count(), best.step, best.scores
+    return facts
 
 
 def hardware(device: torch.device) -> str:
@@ -53,7 +82,7 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
     manifest = _json(Path(d.dir) / "manifest.json").get("splits", {})
     lines = ["| split | pairs used | files (sha256) | origin |", "|---|---|---|---|"]
     for split in (d.train, d.valid, d.test):
-        cache = _json(run_dir / "cache" / f"{split}.json")
+        cache = _json(RunDir(run_dir).cache / f"{split}.json")
         record = manifest.get(split, {})
         if not cache and not record:
             continue
@@ -80,28 +109,24 @@ def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str
         src_path, ref_path = corpus_files(d.dir, d.test, d.src, d.tgt)
     except DataError:  # the corpus has no test split
         return None
-    if not (run_dir / "best.pt").is_file():
+    run = RunDir(run_dir)
+    if not run.checkpoint(config.decode.checkpoint).is_file():
         return None
-    translator = Translator(run_dir, device=device)
+    translator = Translator(run, device=device, engine="torch")
     hyps = [t[0].text for t in translator.translate(read_lines(src_path))]
     return {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path), "checkpoint": translator.checkpoint}
 
 
-def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] | None = None) -> Path:
-    """Write RUN_DIR/README.md from the run directory's files; `test` scores as from `test_scores`."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    best = load_checkpoint(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else {}
-    steps = list_checkpoints(run_dir)
-    newest = load_checkpoint(steps[-1]) if steps else {}
-    progress, world_size = newest.get("progress", {}), newest.get("world_size", 1)
-    parameters = "?"
-    if best.get("vocab"):
-        model = build_model(config.model, *best["vocab"], config.tokenizer.joint)  # shared weights counted once
-        parameters = f"{count_parameters(model):,}"
+def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test: dict[str, Any] | None = None) -> Path:
+    """Write the run directory's model card; `test` scores as from `test_scores`."""
+    run = RunDir(run_dir)
+    run_dir = run.path
+    config = load_config(run.config)
+    best = facts.best_scores
+    parameters = "?" if facts.parameters is None else f"{facts.parameters:,}"
     d, t, dec = config.data, config.train, config.decode
     name = f"{d.src}->{d.tgt}"
-    hours = progress.get("elapsed", 0.0) / 3600
+    hours = facts.elapsed / 3600
     lines = [
         f"# {run_dir.name}: {name} Transformer translation model (mt)",
         "",
@@ -125,9 +150,9 @@ def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] |
         "",
         f"- {config.model.encoder_layers}+{config.model.decoder_layers} layers, d_model {config.model.d_model}, "
         f"{config.model.heads} heads, FFN {config.model.ffn_dim}, {config.model.norm}-norm; {parameters} parameters",
-        f"- {progress.get('step', '?')} updates, {progress.get('epoch', '?')} full epochs, {hours:.2f} h of training",
-        f"- hardware: {hardware(device)}; {world_size} process(es); precision {t.precision}",
-        f"- best checkpoint (best.pt): update {best.get('step', '?')}",
+        f"- {_known(facts.steps)} updates, {_known(facts.epochs)} full epochs, {hours:.2f} h of training",
+        f"- hardware: {hardware(device)}; {facts.world_size} process(es); precision {t.precision}",
+        f"- best checkpoint ({run.best.name}): update {_known(facts.best_step)}",
         "",
         "## Scores",
         "",
@@ -163,6 +188,9 @@ def write_model_card(run_dir: Path, device: torch.device, test: dict[str, Any] |
         "```",
         "",
     ]
-    path = run_dir / CARD
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    atomic_write_text(run.card, "\n".join(lines))
+    return run.card
+
+
+def _known(value: int | None) -> str:
+    return "?" if value is None else str(value)

@@ -11,6 +11,8 @@ import torch
 
 from mt.config import load_config
 from mt.errors import CheckpointError, MTError
+from mt.files import atomic_write
+from mt.run_dir import RunDir
 from mt.search import search_name
 
 
@@ -28,7 +30,7 @@ def _pyplot():
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training and validation records of RUN_DIR/metrics.jsonl; of a step logged twice (a resumed
     run repeats the steps after its checkpoint) the later record counts."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {run_dir} a run directory?)")
     train: dict[int, dict] = {}
@@ -49,7 +51,7 @@ def plot_learning_curves(run_dir: Path, out: Path) -> Path:
     """One PNG with three panels: training/validation loss, validation BLEU (and chrF), learning rate."""
     train, valid = read_metrics(run_dir)
     if not train and not valid:
-        raise MTError(f"{run_dir}/metrics.jsonl: no training or validation records to plot yet")
+        raise MTError(f"{RunDir(run_dir).metrics}: no training or validation records to plot yet")
     plt = _pyplot()
     figure, (loss_ax, bleu_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (label-smoothed)")
@@ -58,7 +60,7 @@ def plot_learning_curves(run_dir: Path, out: Path) -> Path:
     loss_ax.legend()
     bleu_ax.plot([r["step"] for r in valid], [r["valid_bleu"] for r in valid], "o-", label="BLEU")
     bleu_ax.plot([r["step"] for r in valid], [r["valid_chrf"] for r in valid], "s--", label="chrF")
-    config = Path(run_dir) / "config.yaml"
+    config = RunDir(run_dir).config
     search = search_name(load_config(config).train.valid_beam) if config.is_file() else "greedy"
     bleu_ax.set(title=f"validation scores ({search})", xlabel="update", ylabel="score")
     bleu_ax.legend()
@@ -105,8 +107,6 @@ def plot_attention(
 
 
 def _save(figure, out: Path, plt) -> Path:
-    from mt.checkpoint import atomic_write
-
     out = Path(out)
     atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
     plt.close(figure)

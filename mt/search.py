@@ -11,12 +11,16 @@ length EOS is forced. With `no_repeat_ngram` N > 0, no hypothesis contains the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mt.model import Transformer
-from mt.tokenizer import BOS, EOS, PAD
+from mt.vocab import BOS, EOS, PAD
+
+if TYPE_CHECKING:  # the options record lives with the decoding path that builds it
+    from mt.decoding import DecodeOptions
 
 
 @dataclass
@@ -107,23 +111,22 @@ def best_extensions(
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
+def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty: float) -> Tensor:
+    """(n,) the best normalised score open hypotheses of `length` pieces and these log-probabilities can
+    still reach by the sentences' length limits (n,): the log-probability can only fall, so the score
+    peaks at the next length (penalty < 0) or at the limit (penalty > 0)."""
+    return torch.maximum(log_prob / (length + 1) ** length_penalty, log_prob / limit.float().pow(length_penalty))
+
+
 @torch.inference_mode()
-def greedy_search(
-    model: Transformer,
-    src: Tensor,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    length_penalty: float = 1.0,
-    use_cache: bool = True,
-    no_repeat_ngram: int = 0,
-) -> list[Hypothesis]:
+def greedy_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[Hypothesis]:
     """The most probable next piece at every step; src (B, S) -> one hypothesis per sentence.
 
     Finished sentences leave the batch, so later steps only compute the ones still running.
     """
     memory, memory_mask = model.encode(src)
-    state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(source_lengths(src), max_len_a, max_len_b, model.max_positions)
+    state = model.start_decoding(memory, memory_mask, options.use_cache)
+    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, model.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
@@ -132,7 +135,7 @@ def greedy_search(
         hidden, state = model.step(prefix, state)
         forced = length >= limit
         weight = state.output_weight
-        best, token = best_extensions(hidden, weight, prefix, log_prob[:, None], forced, 1, no_repeat_ngram)
+        best, token = best_extensions(hidden, weight, prefix, log_prob[:, None], forced, 1, options.no_repeat_ngram)
         log_prob, token = best[:, 0], token[:, 0]
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done = token == EOS
@@ -140,7 +143,8 @@ def greedy_search(
             continue
         for row in done.nonzero().squeeze(1).tolist():
             score = log_prob[row].item()
-            results[active[row]] = Hypothesis(prefix[row, 1:-1].tolist(), score / length**length_penalty, score)
+            normalised = score / length**options.length_penalty
+            results[active[row]] = Hypothesis(prefix[row, 1:-1].tolist(), normalised, score)
         keep = (~done).nonzero().squeeze(1)
         if keep.numel() == 0:
             break
@@ -149,38 +153,16 @@ def greedy_search(
     return results  # type: ignore[return-value]
 
 
-def search(
-    model: Transformer,
-    src: Tensor,
-    beam: int,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    nbest: int = 1,
-    use_cache: bool = True,
-    no_repeat_ngram: int = 0,
-) -> list[list[Hypothesis]]:
-    """Greedy search when `beam` is 1, beam search otherwise; per sentence a list of hypotheses."""
-    if beam == 1:
-        return [
-            [h] for h in greedy_search(model, src, max_len_a, max_len_b, length_penalty, use_cache, no_repeat_ngram)
-        ]
-    return beam_search(model, src, beam, length_penalty, max_len_a, max_len_b, nbest, use_cache, no_repeat_ngram)
+def search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+    """Greedy search when `options.beam` is 1, beam search otherwise; per sentence a list of hypotheses."""
+    if options.beam == 1:
+        return [[h] for h in greedy_search(model, src, options)]
+    return beam_search(model, src, options)
 
 
 @torch.inference_mode()
-def beam_search(
-    model: Transformer,
-    src: Tensor,
-    beam: int = 5,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    nbest: int = 1,
-    use_cache: bool = True,
-    no_repeat_ngram: int = 0,
-) -> list[list[Hypothesis]]:
-    """Beam search for a whole batch at once; src (B, S) -> per sentence its `nbest` best hypotheses.
+def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+    """Beam search for a whole batch at once; src (B, S) -> per sentence its `options.nbest` best hypotheses.
 
     Each step extends the K open hypotheses of every sentence, keeps the 2K best candidates,
     moves those ending in EOS (among the top K) to the sentence's finished list and continues
@@ -188,12 +170,12 @@ def beam_search(
     can still beat the K-th (its score can only fall, so its best possible normalised score is
     bounded), or at its maximum length.
     """
-    k = beam
+    k, length_penalty = options.beam, options.length_penalty
     batch = src.size(0)
     device = src.device
     memory, memory_mask = model.encode(src)
-    state = model.start_decoding(memory, memory_mask, use_cache)
-    limit = max_lengths(source_lengths(src), max_len_a, max_len_b, model.max_positions)
+    state = model.start_decoding(memory, memory_mask, options.use_cache)
+    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, model.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs
@@ -207,7 +189,7 @@ def beam_search(
         hidden, state = model.step(prefix, state)
         at_limit = length >= limit
         top_scores, top_index = best_extensions(
-            hidden, state.output_weight, prefix, scores, at_limit, 2 * k, no_repeat_ngram
+            hidden, state.output_weight, prefix, scores, at_limit, 2 * k, options.no_repeat_ngram
         )  # (n, 2K)
         vocab = state.output_weight.size(1)
         top_beam, top_token = top_index // vocab, top_index % vocab
@@ -236,11 +218,9 @@ def beam_search(
         scores = open_scores
         state = state.select(rows)
 
-        # the best an open hypothesis can still reach: its log-prob can only fall, so its
-        # normalised score peaks at the shortest (penalty < 0) or longest (penalty > 0) length
         best_open = scores[:, 0]
-        bound = torch.maximum(best_open / (length + 1) ** length_penalty, best_open / limit.float().pow(length_penalty))
-        done = at_limit | (kth_finished >= bound) | ~torch.isfinite(best_open)
+        done = at_limit | (kth_finished >= best_reachable(best_open, length, limit, length_penalty))
+        done |= ~torch.isfinite(best_open)
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
@@ -250,4 +230,4 @@ def beam_search(
             prefix = prefix[keep_rows]
             state = state.select(keep_rows, keep)
 
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[: options.nbest] for hyps in finished]

@@ -1,7 +1,7 @@
 """SentencePiece tokenization with fixed special ids, stored in the run directory.
 
-Special ids are the same in every model `mt` trains: PAD=0, UNK=1, BOS=2, EOS=3.
-A joint vocabulary lives in `spm.model`; separate ones in `spm.src.model` and `spm.tgt.model`.
+Special ids are the same in every model `mt` trains (mt.vocab); the run directory names the
+model files (mt.run_dir: one joint model, or one per language).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from mt.checkpoint import atomic_write
 from mt.config import TokenizerConfig
 from mt.data import iter_pairs
 from mt.errors import CheckpointError, DataError
+from mt.files import atomic_write
 from mt.progress import progress_bar
-
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
-JOINT_FILE, SRC_FILE, TGT_FILE = "spm.model", "spm.src.model", "spm.tgt.model"
+from mt.run_dir import RunDir
+from mt.vocab import BOS, EOS, PAD, UNK
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +114,18 @@ class Tokenizer:
         return self.src.encode(line, out_type=str)
 
 
-def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
-    if joint:
-        return run_dir / JOINT_FILE, run_dir / JOINT_FILE
-    return run_dir / SRC_FILE, run_dir / TGT_FILE
-
-
-def load_tokenizer(run_dir: Path, joint: bool) -> Tokenizer:
-    return Tokenizer(*tokenizer_files(Path(run_dir), joint))
+def load_tokenizer(run_dir: Path | RunDir, joint: bool) -> Tokenizer:
+    return Tokenizer(*RunDir(run_dir).tokenizer_files(joint))
 
 
 def prepare_tokenizer(
-    run_dir: Path, config: TokenizerConfig, src_path: Path, tgt_path: Path, errors: str = "strict"
+    run_dir: Path | RunDir, config: TokenizerConfig, src_path: Path, tgt_path: Path, errors: str = "strict"
 ) -> Tokenizer:
     """Load the run directory's tokenizer, training it on the training corpus first if it has none.
 
     The corpus is streamed; SentencePiece keeps a random sample of `max_sentences` sentences.
     """
-    src_model, tgt_model = tokenizer_files(Path(run_dir), config.joint)
+    src_model, tgt_model = RunDir(run_dir).tokenizer_files(config.joint)
     if config.joint and not src_model.is_file():
         log.info("training joint SentencePiece %s model (%d pieces)", config.type, config.vocab_size)
         both = (line for pair in iter_pairs(src_path, tgt_path, errors) for line in pair)

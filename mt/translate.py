@@ -1,4 +1,4 @@
-"""Load a run directory once and translate lines in order: sort by length, batch, search, detokenize."""
+"""Text in, text out: lines -> SentencePiece ids -> `mt.decoding.decode` -> detokenized lines, in input order."""
 
 from __future__ import annotations
 
@@ -6,25 +6,23 @@ import logging
 import os
 import re
 import select
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from torch import Tensor
 
-from mt.batching import make_batches, pad
-from mt.checkpoint import load_checkpoint
-from mt.config import Config, load_config
-from mt.device import autocast, pick_device
-from mt.errors import CheckpointError, DataError
-from mt.model import Transformer, build_model, cross_attention_weights
-from mt.search import Hypothesis, search
-from mt.tokenizer import BOS, EOS, Tokenizer, load_tokenizer
+from mt.config import load_config
+from mt.decoding import DecodeOptions, Engine, TorchEngine, decode, open_engine
+from mt.errors import DataError, MTError
+from mt.run_dir import model_dir
+from mt.search import Hypothesis
+from mt.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-BEST = "best.pt"
 
 
 @dataclass
@@ -33,141 +31,68 @@ class Translation:
     score: float
 
 
-def decode_batches(
-    sources: list[list[int]],
-    search: Callable[[torch.Tensor], list[list[Hypothesis]]],
-    max_tokens: int,
-    device: torch.device,
-) -> list[list[Hypothesis]]:
-    """Run `search` over batches of similar-length sources (ids without EOS); results in input order."""
-    lengths = [len(s) + 1 for s in sources]
-    results: list[list[Hypothesis]] = [[] for _ in sources]
-    for batch in make_batches(lengths, lengths, max_tokens):
-        src = pad([sources[i] for i in batch], suffix=[EOS]).to(device)
-        with autocast(device):
-            for index, hyps in zip(batch, search(src)):
-                results[index] = hyps
-    return results
-
-
-def load_model(
-    run_dir: Path, config: Config, tokenizer: Tokenizer, device: torch.device, checkpoint: str = BEST
-) -> Transformer:
-    """Rebuild a run directory's model from its config and checkpoint, checking it fits the tokenizer."""
-    path = Path(run_dir) / checkpoint  # an absolute `checkpoint` stays as it is
-    if not path.is_file() and Path(checkpoint).is_file():
-        path = Path(checkpoint)
-    state = load_checkpoint(path, device)
-    vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
-    if state.get("vocab") != vocab or state.get("tokenizer") != tokenizer.fingerprint():
-        raise CheckpointError(
-            f"{path}: trained with vocabulary sizes {state.get('vocab')} and another SentencePiece model "
-            f"than {run_dir}'s (sizes {vocab}); were run directories mixed up?"
-        )
-    model = build_model(config.model, *vocab, tokenizer.joint).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model in config.yaml ({str(exc).splitlines()[0]})"
-        ) from None
-    return model.eval()
-
-
 class Translator:
-    """A model directory loaded for translation."""
+    """A model directory (or an `mt export` of one) loaded for translation: text in, text out."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str | None = None, device: str = "auto"):
+    def __init__(
+        self, model_path: str | Path, checkpoint: str | None = None, device: str = "auto", engine: str = "auto"
+    ):
         """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir}: not a model directory (no config.yaml); train one with `mt train`")
-        self.config = load_config(run_dir / "config.yaml")
-        self.tokenizer = load_tokenizer(run_dir, self.config.tokenizer.joint)
-        self.device = pick_device(device)
+        run = model_dir(model_path)
+        self.config = load_config(run.config)
+        self.tokenizer = load_tokenizer(run, self.config.tokenizer.joint)
         self.checkpoint = checkpoint or self.config.decode.checkpoint
-        self.model = load_model(run_dir, self.config, self.tokenizer, self.device, self.checkpoint)
-        self.max_source = self.model.max_positions - 1
+        self.engine: Engine = open_engine(run, self.config, self.tokenizer, self.checkpoint, device, engine)
 
-    def translate_ids(
-        self,
-        sources: list[list[int]],
-        beam: int | None = None,
-        length_penalty: float | None = None,
-        nbest: int = 1,
-        use_cache: bool = True,
-        no_repeat_ngram: int | None = None,
-    ) -> list[list[Hypothesis]]:
-        """Source piece ids (no EOS) -> the `nbest` best hypotheses of each, in input order.
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
-        Settings left as None come from the `decode` section of the model's config.
-        """
-        d = self.config.decode
-        beam = d.beam if beam is None else beam
-        length_penalty = d.length_penalty if length_penalty is None else length_penalty
-        no_repeat_ngram = d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
-        settings = (beam, length_penalty, d.max_len_a, d.max_len_b, nbest, use_cache, no_repeat_ngram)
-        # decode.max_tokens bounds decoder rows: source pieces times beam size
-        return decode_batches(
-            sources, lambda src: search(self.model, src, *settings), max(1, d.max_tokens // beam), self.device
-        )
+    def options(self, **changes) -> DecodeOptions:
+        """The model's decoding defaults (its config's decode section) with `changes` that are not None."""
+        return DecodeOptions.from_config(self.config.decode, **changes)
 
-    def attention(self, line: str, beam: int | None = None) -> tuple[torch.Tensor, list[str], list[str], str]:
+    def translate_ids(self, sources: list[list[int]], options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
+        """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order."""
+        return decode(self.engine, sources, options or self.options())
+
+    def attention(self, line: str, options: DecodeOptions | None = None) -> tuple[Tensor, list[str], list[str], str]:
         """Translate one line and return the decoder's cross-attention over it.
 
         Returns weights (layers, heads, output pieces, source pieces), the source pieces (with
         </s>), the output pieces (with </s>), and the translation.
         """
-        ids = self.tokenizer.encode_src([line.strip()])[0][: self.max_source]
+        if not isinstance(self.engine, TorchEngine):
+            raise MTError("attention weights need a run directory of mt's own model, not a CTranslate2 export")
+        ids = self.tokenizer.encode_src([line.strip()])[0][: self.engine.max_source]
         if not ids:
             raise DataError("nothing to translate: the sentence is empty")
-        tokens = self.translate_ids([ids], beam)[0][0].tokens
-        src = torch.tensor([ids + [EOS]], device=self.device)
-        tgt_in = torch.tensor([[BOS] + tokens], device=self.device)
-        weights = cross_attention_weights(self.model, src, tgt_in)[:, 0].cpu()
+        tokens = self.translate_ids([ids], options)[0][0].tokens
+        weights = self.engine.cross_attention(ids, tokens)
         src_pieces = [self.tokenizer.src.id_to_piece(i) for i in ids] + ["</s>"]
         tgt_pieces = [self.tokenizer.tgt.id_to_piece(i) for i in tokens] + ["</s>"]
         return weights, src_pieces, tgt_pieces, one_line(self.tokenizer.decode_tgt([tokens])[0])
 
     def translate(
-        self,
-        lines: Iterable[str],
-        beam: int | None = None,
-        length_penalty: float | None = None,
-        nbest: int = 1,
-        chunk_lines: int = 2000,
-        no_repeat_ngram: int | None = None,
+        self, lines: Iterable[str], options: DecodeOptions | None = None, chunk_lines: int = 2000
     ) -> Iterator[list[Translation]]:
-        """For each input line, its `nbest` translations (best first); blank lines give one blank."""
+        """For each input line, its `options.nbest` translations (best first); blank lines give one blank."""
         lines = iter(lines)
-        chunks = iter(lambda: list(islice(lines, chunk_lines)), [])
-        return self.translate_chunks(chunks, beam, length_penalty, nbest, no_repeat_ngram)
+        return self.translate_chunks(iter(lambda: list(islice(lines, chunk_lines)), []), options)
 
     def translate_chunks(
-        self,
-        chunks: Iterable[list[str]],
-        beam: int | None = None,
-        length_penalty: float | None = None,
-        nbest: int = 1,
-        no_repeat_ngram: int | None = None,
+        self, chunks: Iterable[list[str]], options: DecodeOptions | None = None
     ) -> Iterator[list[Translation]]:
         """Like `translate`, for input already cut into chunks (each is sorted and batched on its own)."""
+        options = options or self.options()
         for chunk in chunks:
-            yield from self._translate_chunk(chunk, beam, length_penalty, nbest, no_repeat_ngram)
+            yield from self._translate_chunk(chunk, options)
 
-    def _translate_chunk(
-        self, chunk: list[str], beam, length_penalty, nbest, no_repeat_ngram
-    ) -> list[list[Translation]]:
+    def _translate_chunk(self, chunk: list[str], options: DecodeOptions) -> list[list[Translation]]:
         wanted = [i for i, line in enumerate(chunk) if line.strip()]
         sources = self.tokenizer.encode_src([chunk[i].strip() for i in wanted])
-        for i, ids in enumerate(sources):
-            if len(ids) > self.max_source:
-                log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), self.max_source)
-                sources[i] = ids[: self.max_source]
         results: list[list[Translation]] = [[Translation("", 0.0)] for _ in chunk]
-        for i, hyps in zip(
-            wanted, self.translate_ids(sources, beam, length_penalty, nbest, no_repeat_ngram=no_repeat_ngram)
-        ):
+        for i, hyps in zip(wanted, self.translate_ids(sources, options)):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
         return results
@@ -182,9 +107,9 @@ def one_line(text: str) -> str:
 
 
 def read_chunks(
-    fd: int, max_lines: int = 2000, block: int = 1 << 16, max_line_bytes: int = 1 << 20
+    source: int | BinaryIO, max_lines: int = 2000, block: int = 1 << 16, max_line_bytes: int = 1 << 20
 ) -> Iterator[list[str]]:
-    """Lines from file descriptor `fd`, in chunks of at most `max_lines`.
+    """Lines from file descriptor (or binary stream) `source`, in chunks of at most `max_lines`.
 
     A chunk also ends whenever no more input is immediately available, so someone typing gets
     each translation as soon as the line is entered, while piped files are decoded in big,
@@ -194,7 +119,7 @@ def read_chunks(
     """
     pending, lines, eof, cut = b"", [], False, False
     while not eof:
-        data = os.read(fd, block)
+        data = os.read(source, block) if isinstance(source, int) else source.read(block)
         eof = not data
         if cut:  # drop the rest of an over-long line, up to its newline
             newline = data.find(b"\n")
@@ -210,13 +135,15 @@ def read_chunks(
         while len(lines) >= max_lines:
             yield lines[:max_lines]
             lines = lines[max_lines:]
-        if lines and (eof or not _readable_now(fd)):
+        if lines and (eof or not _readable_now(source)):
             yield lines
             lines = []
 
 
-def _readable_now(fd: int) -> bool:
+def _readable_now(source: int | BinaryIO) -> bool:
+    if not isinstance(source, int):  # a stream without a file descriptor: read on
+        return True
     try:
-        return bool(select.select([fd], [], [], 0)[0])
+        return bool(select.select([source], [], [], 0)[0])
     except (OSError, ValueError):  # select does not work on this kind of file (e.g. Windows pipes)
         return True

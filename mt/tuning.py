@@ -12,6 +12,7 @@ from mt.config import load_config, save_config
 from mt.data import corpus_files, iter_pairs
 from mt.evaluate import corpus_scores
 from mt.progress import progress_bar
+from mt.run_dir import model_dir
 from mt.translate import Translator
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ def tune_decoding(
 
     Returns one row per combination and the chosen row.
     """
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
+    run = model_dir(run_dir)
+    config = load_config(run.config)
     d = config.data
     pairs = list(iter_pairs(*corpus_files(d.dir, d.valid, d.src, d.tgt), d.errors))
     if max_sentences:
@@ -42,10 +43,10 @@ def tune_decoding(
     combinations = list(itertools.product(checkpoints, beams, length_penalties))
     bar = progress_bar(total=len(combinations), desc="tuning decoding", unit="setting")
     for checkpoint in checkpoints:
-        translator = Translator(run_dir, checkpoint, device)
+        translator = Translator(run, checkpoint, device, engine="torch")
         ids = translator.tokenizer.encode_src(sources)
         for beam, penalty in itertools.product(beams, length_penalties):
-            hyps = translator.translate_ids(ids, beam=beam, length_penalty=penalty)
+            hyps = translator.translate_ids(ids, translator.options(beam=beam, length_penalty=penalty))
             texts = translator.tokenizer.decode_tgt([h[0].tokens for h in hyps])
             scores = corpus_scores(texts, refs)
             rows.append(
@@ -65,7 +66,7 @@ def tune_decoding(
     if save:
         config.decode.checkpoint, config.decode.beam = best["checkpoint"], best["beam"]
         config.decode.length_penalty = best["length_penalty"]
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run.config)
     return rows, best
 
 

@@ -32,10 +32,11 @@ def peak_rss_mb() -> float:
 
 
 def measure(translator: Translator, sources: list[list[int]], beam: int, use_cache: bool) -> tuple[dict, list[str]]:
+    options = translator.options(beam=beam, use_cache=use_cache)
     if translator.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    hyps = translator.translate_ids(sources, beam=beam, use_cache=use_cache)
+    hyps = translator.translate_ids(sources, options)
     texts = translator.tokenizer.decode_tgt([h[0].tokens for h in hyps])
     if translator.device.type == "cuda":
         torch.cuda.synchronize()
@@ -65,7 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    translator = Translator(args.run_dir, device=args.device)
+    translator = Translator(args.run_dir, device=args.device, engine="torch")
     if args.max_tokens:
         translator.config.decode.max_tokens = args.max_tokens
     lines = [line.strip() for line in read_lines(args.src)]
@@ -101,11 +102,11 @@ def main() -> None:
 
 def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_tokens: int) -> None:
     """The same sentences through a CTranslate2 export: speed and BLEU against mt's cached decoder."""
-    from mt.export import CTranslate2Translator
+    from mt.run_dir import RunDir
 
-    engine = CTranslate2Translator(export_dir, device=args.device)
+    engine = Translator(export_dir, device=args.device, engine="ctranslate2")
     engine.config.decode.max_tokens = max_tokens
-    quantization = json.loads((export_dir / "mt_export.json").read_text())["quantization"]
+    quantization = json.loads(RunDir(export_dir).export_info.read_text())["quantization"]
     measure(engine, sources[:16], 1, True)
     for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
         stats, texts = measure(engine, sources, beam, True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training throughput of a config on this machine, using the same step as `mt train`.
+"""Training throughput of a config on this machine: `mt train`'s own update, batches and data preparation.
 
     python scripts/bench_train.py configs/multi30k_de_en.yaml --steps 30 [--set train.max_tokens=4096]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -22,15 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mt.batching import make_batches  # noqa: E402
 from mt.config import load_config  # noqa: E402
-from mt.corpus_cache import prepare_corpus  # noqa: E402
-from mt.data import corpus_files  # noqa: E402
 from mt.device import pick_device, release_free_heap  # noqa: E402
-from mt.model import Transformer, build_model  # noqa: E402
-from mt.optim import inverse_sqrt_lr  # noqa: E402
-from mt.tokenizer import prepare_tokenizer, tokenizer_files  # noqa: E402
-from mt.train import make_trainer  # noqa: E402
+from mt.model import Transformer  # noqa: E402
+from mt.run_dir import RunDir  # noqa: E402
+from mt.train import TrainingRun  # noqa: E402
+from mt.trainer import prefetched_batches  # noqa: E402
 
 
 def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
@@ -72,50 +70,45 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config, args.overrides)
-    t = config.train
-    torch.manual_seed(t.seed)
-    device = pick_device(t.device)
-    files = corpus_files(config.data.dir, config.data.train, config.data.src, config.data.tgt)
-    run_dir = Path(t.run_dir)
+    device = pick_device(config.train.device)
+    source = RunDir(config.train.run_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        # reuse the run directory's tokenizer when it has one; never write into it
-        has_tokenizer = tokenizer_files(run_dir, config.tokenizer.joint)[0].is_file()
-        tokenizer = prepare_tokenizer(run_dir if has_tokenizer else Path(scratch), config.tokenizer, *files)
-        corpus = prepare_corpus(
-            Path(scratch), "train", *files, tokenizer, config.data.max_length, config.data.max_length_ratio
-        )
-        return run(args, config, tokenizer, corpus, device)
+        # a scratch run directory: reuse the run's tokenizer when it has one, never write into the run
+        if source.has_tokenizer(config.tokenizer.joint):
+            for path in set(source.tokenizer_files(config.tokenizer.joint)):
+                shutil.copy(path, scratch)
+        config.train.run_dir = scratch
+        run = TrainingRun(config, device=device)
+        run.prepare()
+        measure(args, run, device)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(args, config, tokenizer, corpus, device) -> None:
-    t = config.train
+def measure(args, run: TrainingRun, device: torch.device) -> None:
+    t = run.config.train
     preparation_rss = peak_rss_mb()
-    model = build_model(config.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.joint).to(device)
-    trainer = make_trainer(model, t, device)
-    batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, t.max_tokens, seed=t.seed)
+    batches = run.epoch_batches(0)  # shuffled with train.seed itself: the batches earlier versions timed
+    updates = [[batches[step % len(batches)]] for step in range(args.warmup + args.steps)]
     peak = matmul_peak_gflops(device)
-
-    for step in range(args.warmup):
-        trainer.step([corpus.batch(batches[step])], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
     totals = {"src": 0, "tgt": 0, "padded": 0, "flops": 0.0, "sentences": 0}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        indices = batches[step % len(batches)]
-        batch = corpus.batch(indices)
-        stats, _ = trainer.step([batch], inverse_sqrt_lr(step + 1, t.lr, t.warmup_steps))
+    for step, update in enumerate(prefetched_batches(run.corpus, updates, device)):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        stats = run.update(update).stats
+        if step < args.warmup:
+            continue
         totals["src"] += stats.source_tokens
         totals["tgt"] += stats.target_tokens
         totals["padded"] += stats.padded_tokens
-        totals["flops"] += step_flops(model, batch[0], batch[2])
-        totals["sentences"] += len(indices)
+        totals["flops"] += step_flops(run.model, update[0][0], update[0][2])
+        totals["sentences"] += len(update[0][0])
         if (step + 1) % t.log_every == 0:  # as `mt train` does at each metrics line
-            corpus.release_pages()
+            run.corpus.release_pages()
             release_free_heap()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,6 +116,7 @@ def run(args, config, tokenizer, corpus, device) -> None:
 
     real = totals["src"] + totals["tgt"]
     achieved = totals["flops"] / seconds / 1e9
+    model = run.model
     print(f"config {args.config} {' '.join(args.overrides)}; device {device}, {torch.get_num_threads()} threads")
     print(f"parameters               {sum(p.numel() for p in model.parameters()):,}")
     print(f"steps timed              {args.steps} ({seconds:.1f} s, {seconds / args.steps * 1000:.0f} ms/step)")

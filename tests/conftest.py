@@ -1,7 +1,9 @@
+import contextlib
 import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,41 @@ def tiny_model(vocab: int = 40, norm: str = "pre", dropout: float = 0.0, tie: bo
     return build_model(config, vocab, vocab, shared_vocab=True)
 
 
-def run_mt(*args: str, stdin: str | None = None, cwd: Path | None = None, check: bool = True):
-    """Run the real `mt` command line in a subprocess."""
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_mt(*args: str, stdin: str | None = None, cwd: Path | None = None, check: bool = True) -> Result:
+    """Run the `mt` command line in this process (Typer's test runner)."""
+    from typer.testing import CliRunner
+
+    from mt.cli import app
+
+    with _working_directory(cwd):
+        outcome = CliRunner().invoke(app, list(args), input=stdin)
+    if outcome.exception is not None and not isinstance(outcome.exception, SystemExit):
+        raise outcome.exception  # not an MTError turned into exit code 2: a bug, show its traceback
+    result = Result(outcome.exit_code, outcome.stdout, outcome.stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mt {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path | None):
+    before = os.getcwd()
+    os.chdir(path or before)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_mt_process(*args: str, stdin: str | None = None, cwd: Path | None = None, check: bool = True):
+    """Run the real `mt` command line in a subprocess (where the process itself is under test)."""
     result = subprocess.run(
         [sys.executable, "-m", "mt", *args],
         input=stdin,

@@ -12,13 +12,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_mt
+from conftest import run_mt, run_mt_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mt.checkpoint import save_checkpoint
 from mt.config import load_config
+from mt.run_dir import load_weights, save_checkpoint
 from mt.translate import Translator
 
 TINY_CONFIG = """
@@ -171,8 +170,9 @@ def _copy_run(trained, tmp_path):
 
 def _foreign_vocabulary(trained, tmp_path):
     run = _copy_run(trained, tmp_path)
-    state = torch.load(run / "best.pt", weights_only=True)
-    save_checkpoint(run / "other.pt", {**state, "vocab": [30, 30], "tokenizer": "another"})
+    weights = load_weights(run / "best.pt")
+    weights.vocab, weights.tokenizer = [30, 30], "another"
+    save_checkpoint(run / "other.pt", weights)
     return ["translate", str(run), "--checkpoint", "other.pt"], "1 2\n"
 
 
@@ -266,7 +266,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(trained, tmp_path, case, setu
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_mt("--debug", "train", str(tmp_path / "nope.yaml"), check=False)
+    result = run_mt_process("--debug", "train", str(tmp_path / "nope.yaml"), check=False)
     assert result.returncode != 0 and "Traceback" in result.stderr and "config file not found" in result.stderr
 
 
@@ -283,8 +283,8 @@ def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
     lines = ["1", "5 4 3 2 1 0 9 8 7 6 5 4 3 2 1 0 9 8", "7 7 7", "0 1 2 3 4 5 6 7 8 9 0 1", "3 3"]
     sources = translator.tokenizer.encode_src(lines)
     for beam in (1, 5):
-        cached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=True)
-        uncached = translator.translate_ids(sources, beam=beam, nbest=beam, use_cache=False)
+        cached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=True))
+        uncached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=False))
         assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from conftest import run_mt, write_reversal_corpus
 
-from mt.checkpoint import list_checkpoints, load_checkpoint
+from mt.run_dir import RunDir, load_state
 
 CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
@@ -50,7 +50,7 @@ def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_pa
     start = json.loads((ddp / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["world_size"] == 2
     assert _losses(ddp) == _approx(_losses(single))
-    single_state, ddp_state = (load_checkpoint(list_checkpoints(run)[-1]) for run in (single, ddp))
+    single_state, ddp_state = (load_state(RunDir(run).step_checkpoints()[-1]) for run in (single, ddp))
     assert ddp_state["progress"]["step"] == single_state["progress"]["step"] == 4
     assert len(ddp_state["rng"]) == 2  # each rank's generator states, for an exact resume
     difference = torch.cat([(ddp_state["model"][k] - v).abs().flatten() for k, v in single_state["model"].items()])

@@ -13,17 +13,19 @@ import pytest
 import torch
 from conftest import run_mt, tiny_model, write_reversal_corpus
 
-from mt.checkpoint import (
-    average_checkpoints,
-    list_checkpoints,
-    load_checkpoint,
-    load_latest_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    step_checkpoint,
-)
 from mt.config import TrainConfig
-from mt.train import Progress, make_trainer
+from mt.run_dir import RunDir, StepCheckpoint, Weights, average_weights, load_state, save_checkpoint
+from mt.train import Progress
+from mt.trainer import make_trainer
+
+
+def step_checkpoint(run: Path, step: int) -> Path:
+    return RunDir(run).step_checkpoint(step)
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    return RunDir(run).step_checkpoints()
+
 
 CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
@@ -79,7 +81,7 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     resumed = run_mt("train", str(tmp_path / "killed.yaml"))
     assert "has checkpoints: continuing from step" in resumed.stderr
 
-    whole, again = (load_checkpoint(list_checkpoints(tmp_path / run)[-1]) for run in ("whole", "killed"))
+    whole, again = (load_state(list_checkpoints(tmp_path / run)[-1]) for run in ("whole", "killed"))
     assert whole["progress"]["step"] == again["progress"]["step"] == steps
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, again["model"][name]), name  # bit-identical on CPU
@@ -96,20 +98,18 @@ def test_sigint_saves_a_checkpoint_and_exits_zero_and_a_diverging_resume_stops_c
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "stopped by SIGINT at step" in stderr and "--resume" in stderr
-    path, state = load_latest_checkpoint(tmp_path / "run")
+    path, state = RunDir(tmp_path / "run").latest_checkpoint()
     assert f"checkpoint {path}" in stderr
-    assert state["progress"]["step"] >= 10 and set(state) >= {"model", "trainer", "rng"}
+    assert state.progress["step"] >= 10 and state.trainer and len(state.rng) == 1
 
     # weights gone to NaN (as after a divergence): every update is skipped, then the run stops
-    state["model"] = {
-        k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state["model"].items()
-    }
+    state.model = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state.model.items()}
     save_checkpoint(path, state)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     result = run_mt("train", str(tmp_path / "run"), "--resume", "--set", "train.max_bad_steps=3", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "update skipped (1 in a row)" in result.stderr
-    assert f"3 updates in a row had a non-finite loss or gradient (after step {state['progress']['step']})" in (
+    assert f"3 updates in a row had a non-finite loss or gradient (after step {state.progress['step']})" in (
         result.stderr
     )
     assert f"Last good checkpoint: {path}" in result.stderr
@@ -134,8 +134,8 @@ def test_a_non_finite_loss_skips_the_update_and_leaves_the_weights_alone():
     with torch.no_grad():
         model.decoder[0].ffn_block.norm.weight[0] = math.inf
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats, applied = trainer.step([(src, tgt_in, tgt_out)], lr=1e-3)
-    assert not applied and not math.isfinite(stats.loss_sum)
+    result = trainer.update([(src, tgt_in, tgt_out)], lr=1e-3)
+    assert not result.applied and not math.isfinite(result.stats.loss_sum)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not trainer.optimizer.state  # AdamW never stepped
     assert all(p.grad is None for p in model.parameters())
@@ -146,29 +146,29 @@ def test_checkpoints_are_pruned_and_averaged(tmp_path):
     for step in (10, 20, 30, 40):
         model = {"w": torch.full((2, 2), float(step)), "b": torch.tensor([step], dtype=torch.float16)}
         weights.append(model)
-        save_checkpoint(step_checkpoint(tmp_path, step), {"model": model, "step": step, "tokenizer": "t"})
-    prune_checkpoints(tmp_path, keep=3)
+        save_checkpoint(step_checkpoint(tmp_path, step), Weights(model, "t", step=step))
+    RunDir(tmp_path).prune_checkpoints(keep=3)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step00000020.pt", "step00000030.pt", "step00000040.pt"]
-    averaged = average_checkpoints(list_checkpoints(tmp_path)[-2:])
-    assert torch.equal(averaged["model"]["w"], torch.full((2, 2), 35.0))
-    assert averaged["model"]["b"].dtype == torch.float16 and averaged["step"] == 40
+    averaged = average_weights(list_checkpoints(tmp_path)[-2:])
+    assert torch.equal(averaged.model["w"], torch.full((2, 2), 35.0))
+    assert averaged.model["b"].dtype == torch.float16 and averaged.step == 40
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     for step in (10, 20):
-        save_checkpoint(step_checkpoint(tmp_path, step), {"model": {}, "step": step})
+        save_checkpoint(step_checkpoint(tmp_path, step), StepCheckpoint({}, {}, {"step": step}, [], "t", [5, 5]))
     data = step_checkpoint(tmp_path, 20).read_bytes()
     step_checkpoint(tmp_path, 20).write_bytes(data[: len(data) // 2])
-    path, state = load_latest_checkpoint(tmp_path)
-    assert state["step"] == 10 and "corrupt or truncated" in caplog.text
+    path, state = RunDir(tmp_path).latest_checkpoint()
+    assert state.progress["step"] == 10 and "corrupt or truncated" in caplog.text
 
 
 def test_average_command(tmp_path):
     for step in (1, 2):
-        save_checkpoint(step_checkpoint(tmp_path, step), {"model": {"w": torch.tensor([float(step)])}, "step": step})
+        save_checkpoint(step_checkpoint(tmp_path, step), Weights({"w": torch.tensor([float(step)])}, step=step))
     out = tmp_path / "avg.pt"
     run_mt("average", str(tmp_path), "--last", "2", "-o", str(out))
-    assert torch.equal(load_checkpoint(out)["model"]["w"], torch.tensor([1.5]))
+    assert torch.equal(load_state(out)["model"]["w"], torch.tensor([1.5]))
     result = run_mt("average", str(tmp_path), "--last", "2", "-o", str(out), check=False)
     assert result.returncode == 2 and "exists; use --force" in result.stderr
     result = run_mt("average", str(tmp_path), "--last", "3", "-o", str(tmp_path / "x.pt"), check=False)

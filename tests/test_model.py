@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 from mt.model import (
     CrossAttention,
-    Dropout,
-    Rotary,
     SelfAttention,
     causal_mask,
     cross_attention_weights,
@@ -16,7 +14,8 @@ from mt.model import (
     padding_mask,
     sinusoidal_positions,
 )
-from mt.tokenizer import BOS, EOS, PAD
+from mt.ops import Dropout, Rotary
+from mt.vocab import BOS, EOS, PAD
 
 
 def test_padding_and_causal_masks():

@@ -1,11 +1,22 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
 
 import mt.search
 from mt.batching import pad
-from mt.search import Hypothesis, beam_search, greedy_search
-from mt.tokenizer import EOS
+from mt.decoding import DecodeOptions
+from mt.search import Hypothesis
+from mt.vocab import BOS, EOS
+
+
+def greedy_search(model, src, **settings):
+    return mt.search.greedy_search(model, src, DecodeOptions(beam=1, **settings))
+
+
+def beam_search(model, src, **settings):
+    return mt.search.beam_search(model, src, DecodeOptions(**settings))
 
 
 def _sources():
@@ -106,7 +117,6 @@ def test_hypotheses_respect_maximum_length():
 
 def test_ban_repeated_ngrams():
     from mt.search import ban_repeated_ngrams
-    from mt.tokenizer import BOS
 
     prefix = torch.tensor([[BOS, 5, 6, 7, 5, 6], [BOS, 5, 6, 7, 8, 9]])
     log_probs = torch.zeros(2, 12)
@@ -130,3 +140,45 @@ def test_no_repeat_ngram_holds_in_greedy_and_beam_output():
     outputs += [hyps[0].tokens for hyps in beam_search(model, src, beam=3, max_len_b=30, no_repeat_ngram=2)]
     for tokens in outputs:
         assert len(set(bigrams(tokens))) == len(bigrams(tokens))
+
+
+def test_beam_search_stops_early_only_when_no_open_hypothesis_can_still_win(monkeypatch):
+    """The stopping bound is exact: never stopping early (a bound no score reaches) finds the same beams."""
+    from mt.translate import Translator
+
+    fixture = Path(__file__).parent / "fixtures" / "run_0.1.0"  # a trained model: hypotheses end at varied lengths
+    translator = Translator(fixture / "run", device="cpu")
+    model = translator.engine.model
+    src = pad(translator.tokenizer.encode_src((fixture / "data" / "test.src").read_text().splitlines()), suffix=[EOS])
+    steps = {"count": 0}  # decoder rows run
+    step = model.step
+
+    def counted(prefix, state):
+        steps["count"] += prefix.size(0)
+        return step(prefix, state)
+
+    monkeypatch.setattr(model, "step", counted)
+    for penalty in (0.0, 1.0, 2.0):
+        steps["count"] = 0
+        early = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty)
+        early_steps = steps["count"]
+        with monkeypatch.context() as patched:
+            patched.setattr(mt.search, "best_reachable", lambda scores, length, limit, penalty: scores + torch.inf)
+            steps["count"] = 0
+            exhaustive = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty)
+        assert [[h.tokens for h in n] for n in early] == [[h.tokens for h in n] for n in exhaustive]
+        assert early_steps <= steps["count"]
+        if penalty < 2:  # at penalty 2 the bound at the length limit stays above every finished score here
+            assert early_steps < steps["count"]
+
+
+def test_best_reachable_bounds_every_continuation():
+    """An open hypothesis's log-probability only falls; its normalised score can never exceed the bound."""
+    generator = torch.Generator().manual_seed(3)
+    for penalty in (0.0, 0.6, 1.0, 2.0):
+        log_prob = -torch.rand(50, generator=generator) * 5  # at length 3
+        limit = torch.full((50,), 12)
+        bound = mt.search.best_reachable(log_prob, 3, limit, penalty)
+        for extra in range(1, 10):  # any continuation: more pieces, lower log-probability
+            later = log_prob - torch.rand(50, generator=generator) * extra
+            assert (later / (3 + extra) ** penalty <= bound + 1e-6).all()

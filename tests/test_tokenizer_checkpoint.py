@@ -3,10 +3,11 @@ import pickle
 import pytest
 import torch
 
-from mt.checkpoint import load_checkpoint, save_checkpoint
 from mt.config import TokenizerConfig
 from mt.errors import CheckpointError
-from mt.tokenizer import BOS, EOS, PAD, UNK, prepare_tokenizer
+from mt.run_dir import Weights, load_state, load_weights, save_checkpoint
+from mt.tokenizer import prepare_tokenizer
+from mt.vocab import BOS, EOS, PAD, UNK
 
 SRC = [f"der kleine hund {i} läuft über die wiese" for i in range(200)]
 TGT = [f"the small dog {i} runs across the meadow" for i in range(200)]
@@ -44,9 +45,10 @@ def test_separate_vocabularies(tmp_path, corpus):
 
 def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "c.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "step": 3, "betas": (0.9, 0.98)})
-    state = load_checkpoint(path)
-    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    save_checkpoint(path, Weights({"w": torch.ones(2)}, "abc", [5, 5], step=3, scores={"valid_bleu": 1.5}))
+    weights = load_weights(path)
+    assert weights.step == 3 and torch.equal(weights.model["w"], torch.ones(2))
+    assert weights.scores == {"valid_bleu": 1.5} and weights.vocab == [5, 5] and weights.tokenizer == "abc"
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
 
 
@@ -59,18 +61,18 @@ def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "x": _Payload()}, path)
     with pytest.raises(CheckpointError, match="refused to load"):
-        load_checkpoint(path)
+        load_state(path)
     assert "this must never run" not in capsys.readouterr().out
     path.write_bytes(pickle.dumps({"model": _Payload()}))
     with pytest.raises(CheckpointError):
-        load_checkpoint(path)
+        load_state(path)
 
 
 def test_truncated_checkpoint_is_reported(tmp_path):
     path = tmp_path / "c.pt"
-    save_checkpoint(path, {"model": {"w": torch.randn(1000)}})
+    save_checkpoint(path, Weights({"w": torch.randn(1000)}))
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint(path)
+        load_state(path)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_state(tmp_path / "missing.pt")

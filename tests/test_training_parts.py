@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mt.batching import collate, make_batches
 from mt.loss import label_smoothed_nll
 from mt.optim import inverse_sqrt_lr
-from mt.tokenizer import BOS, EOS, PAD
+from mt.vocab import BOS, EOS, PAD
 
 
 def test_batches_cover_every_pair_once_within_the_token_bound():
@@ -48,35 +48,64 @@ def test_inverse_sqrt_schedule():
     assert math.isclose(inverse_sqrt_lr(400, 1e-3, 100), 5e-4)
 
 
-def test_accumulated_micro_batches_give_the_big_batch_gradient():
-    """A 4-way split of one batch, accumulated, equals the batch itself (update_freq)."""
-    from conftest import tiny_model
-
-    from mt.config import TrainConfig
-    from mt.train import make_trainer
-
+def _pairs():
     generator = torch.Generator().manual_seed(0)
-    pairs = [
+    return [
         (
             torch.randint(4, 40, (n,), generator=generator).tolist(),
             torch.randint(4, 40, (m,), generator=generator).tolist(),
         )
         for n, m in zip(range(3, 19), range(18, 2, -1))
     ]
+
+
+def _sgd_update(groups, clip_norm=0.0):
+    """The parameter change of one `Trainer.update` with plain SGD (lr 1): minus the gradient it applied."""
+    from conftest import tiny_model
+
+    from mt.config import TrainConfig
+    from mt.trainer import make_trainer
+
+    torch.manual_seed(0)
     model = tiny_model()
-    trainer = make_trainer(model, TrainConfig(label_smoothing=0.1), torch.device("cpu"))
+    trainer = make_trainer(model, TrainConfig(label_smoothing=0.1, clip_norm=clip_norm), torch.device("cpu"))
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = trainer.update([collate([p[0] for p in g], [p[1] for p in g]) for g in groups], lr=1.0)
+    return [b - p.detach() for b, p in zip(before, model.parameters())], result, model
 
-    def gradients(groups):
-        model.zero_grad()
-        stats = trainer.accumulate_gradients([collate([p[0] for p in g], [p[1] for p in g]) for g in groups])
-        return [p.grad.clone() for p in model.parameters()], stats
 
-    whole, whole_stats = gradients([pairs])
-    split, split_stats = gradients([pairs[i : i + 4] for i in range(0, 16, 4)])
-    assert whole_stats.target_tokens == split_stats.target_tokens
-    assert math.isclose(whole_stats.loss_sum, split_stats.loss_sum, rel_tol=1e-5)
+def test_accumulated_micro_batches_give_the_big_batch_gradient():
+    """A 4-way split of one batch, accumulated, equals the batch itself (update_freq)."""
+    pairs = _pairs()
+    whole, whole_result, _ = _sgd_update([pairs])
+    split, split_result, _ = _sgd_update([pairs[i : i + 4] for i in range(0, 16, 4)])
+    assert whole_result.applied and split_result.applied
+    assert whole_result.stats.target_tokens == split_result.stats.target_tokens
+    assert math.isclose(whole_result.stats.loss_sum, split_result.stats.loss_sum, rel_tol=1e-5)
     for a, b in zip(whole, split):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 0.01])
+def test_an_update_follows_the_per_token_mean_loss_clipped_to_clip_norm(clip_norm):
+    """The gradients rescaled after backward are those of (loss sum / target tokens), clipped as clip_grad_norm_."""
+    from mt.loss import TranslationLoss
+
+    pairs = _pairs()
+    applied, result, _ = _sgd_update([pairs], clip_norm)
+    torch.manual_seed(0)
+    from conftest import tiny_model
+
+    model = tiny_model()
+    src, tgt_in, tgt_out = collate([p[0] for p in pairs], [p[1] for p in pairs])
+    loss_sum, _ = TranslationLoss(model, 0.1)(src, tgt_in, tgt_out)
+    (loss_sum / result.stats.target_tokens).backward()
+    if clip_norm:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        assert norm > clip_norm  # the clip really acts
+    for delta, p in zip(applied, model.parameters()):
+        assert torch.allclose(delta, p.grad, atol=1e-7, rtol=1e-4)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

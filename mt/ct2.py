@@ -1,7 +1,8 @@
-"""Export to CTranslate2 (the optional extra `mt[ct2]`) and translate with the exported model.
+"""CTranslate2 (the optional extra `mt[ct2]`): export a run directory's model, and decode with an export.
 
-The exported directory holds CTranslate2's `model.bin` and vocabularies plus copies of the run's
-`config.yaml` and SentencePiece model(s), so `mt translate OUT` works on it like on a run directory.
+The exported directory holds CTranslate2's model and vocabularies plus copies of the run's config
+and SentencePiece model(s), so `mt translate OUT` works on it like on a run directory: its
+`CTranslate2Engine` is one of the two engines behind `mt.decoding.decode`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mt.checkpoint import atomic_write_text
-from mt.config import load_config
+from mt.config import Config, load_config
+from mt.decoding import DecodeOptions, load_model
 from mt.errors import CheckpointError, MTError
+from mt.files import atomic_write_text
 from mt.model import Transformer
+from mt.run_dir import RunDir, model_dir
 from mt.search import Hypothesis, max_lengths
-from mt.tokenizer import load_tokenizer, tokenizer_files
-from mt.translate import Translator, load_model
-
-EXPORT_INFO = "mt_export.json"
+from mt.tokenizer import Tokenizer, load_tokenizer
 
 
 def _ctranslate2():
@@ -31,10 +31,6 @@ def _ctranslate2():
     except ImportError:
         raise MTError("CTranslate2 export needs ctranslate2: pip install 'mt[ct2]'") from None
     return ctranslate2
-
-
-def is_ctranslate2_dir(path: Path) -> bool:
-    return (Path(path) / EXPORT_INFO).is_file() and (Path(path) / "model.bin").is_file()
 
 
 def _model_spec(model: Transformer, src_vocab: list[str], tgt_vocab: list[str]):
@@ -110,15 +106,13 @@ def export_ctranslate2(
 ) -> Path:
     """Convert a run directory's model to a CTranslate2 model directory `out`."""
     ctranslate2 = _ctranslate2()
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a model directory (no config.yaml)")
+    run, out = model_dir(run_dir), Path(out)
     if out.exists() and not force:
         raise MTError(f"{out}: exists; use --force to replace it")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run.config)
     checkpoint = checkpoint or config.decode.checkpoint
-    tokenizer = load_tokenizer(run_dir, config.tokenizer.joint)
-    model = load_model(run_dir, config, tokenizer, torch.device("cpu"), checkpoint)
+    tokenizer = load_tokenizer(run, config.tokenizer.joint)
+    model = load_model(run, config, tokenizer, torch.device("cpu"), checkpoint)
 
     def pieces(processor) -> list[str]:
         return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
@@ -131,67 +125,58 @@ def export_ctranslate2(
         MtConverter().convert(str(out), quantization=quantization, force=True)
     except (ValueError, RuntimeError) as exc:
         raise MTError(f"CTranslate2 conversion failed: {exc}") from None
-    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
-    for path in tokenizer_files(run_dir, config.tokenizer.joint):
+    exported = RunDir(out)
+    shutil.copy(run.config, exported.config)
+    for path in run.tokenizer_files(config.tokenizer.joint):
         shutil.copy(path, out / path.name)
     info = {"engine": "ctranslate2", "quantization": quantization, "from": str(run_dir), "checkpoint": checkpoint}
-    atomic_write_text(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(exported.export_info, json.dumps(info, indent=2) + "\n")
     return out
 
 
-class CTranslate2Translator(Translator):
-    """A `Translator` whose search runs in CTranslate2; input chunking, sorting and detokenization are mt's."""
+class CTranslate2Engine:
+    """An `mt export` directory loaded into CTranslate2; mt's decoding path batches, sorts and detokenizes."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", threads: int | None = None):
+    def __init__(self, model_dir: Path, config: Config, tokenizer: Tokenizer, device: str = "auto", threads: int = 0):
         ctranslate2 = _ctranslate2()
-        model_dir = Path(model_dir)
-        if not is_ctranslate2_dir(model_dir):
+        if not RunDir(model_dir).is_export():
             raise CheckpointError(f"{model_dir}: not a CTranslate2 export of mt (see `mt export`)")
-        self.config = load_config(model_dir / "config.yaml")
-        self.tokenizer = load_tokenizer(model_dir, self.config.tokenizer.joint)
         ct2_device = "cuda" if device in ("auto", "cuda") and ctranslate2.get_cuda_device_count() > 0 else "cpu"
         self.device = torch.device(ct2_device)
-        self.engine = ctranslate2.Translator(
+        self.translator = ctranslate2.Translator(
             str(model_dir), device=ct2_device, inter_threads=1, intra_threads=threads or torch.get_num_threads()
         )
-        self.max_source = self.config.model.max_positions - 1
-        self.src_pieces = [self.tokenizer.src.id_to_piece(i) for i in range(self.tokenizer.src_vocab_size)]
+        self.max_positions = config.model.max_positions
+        self.max_source = self.max_positions - 1
+        self.src_pieces = [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)]
+        self.piece_id = tokenizer.tgt.piece_to_id
 
-    def translate_ids(
-        self,
-        sources: list[list[int]],
-        beam: int | None = None,
-        length_penalty: float | None = None,
-        nbest: int = 1,
-        use_cache: bool = True,
-        no_repeat_ngram: int | None = None,
-    ) -> list[list[Hypothesis]]:
-        d = self.config.decode
-        beam = d.beam if beam is None else beam
-        if not sources:
-            return []
+    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
         # sentences sharing a limit go together: a sorted batch has few limits
         lengths = torch.tensor([len(ids) for ids in sources])
-        limits = max_lengths(lengths, d.max_len_a, d.max_len_b, self.config.model.max_positions).tolist()
-        piece_id = self.tokenizer.tgt.piece_to_id
+        limits = max_lengths(lengths, options.max_len_a, options.max_len_b, self.max_positions).tolist()
         found: list[list[Hypothesis]] = [[] for _ in sources]
         for limit in sorted(set(limits)):
             group = [i for i, value in enumerate(limits) if value == limit]
-            results = self.engine.translate_batch(
+            results = self.translator.translate_batch(
                 [[self.src_pieces[i] for i in sources[index]] for index in group],
-                beam_size=beam,
-                length_penalty=d.length_penalty if length_penalty is None else length_penalty,
-                num_hypotheses=nbest,
-                no_repeat_ngram_size=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+                beam_size=options.beam,
+                length_penalty=options.length_penalty,
+                num_hypotheses=options.nbest,
+                no_repeat_ngram_size=options.no_repeat_ngram,
                 max_decoding_length=max(limit - 1, 1),  # CTranslate2 counts pieces without EOS
-                max_batch_size=max(1, d.max_tokens // beam),
+                max_batch_size=options.rows_per_batch,
                 batch_type="tokens",
                 return_scores=True,
             )
             for index, r in zip(group, results):
                 found[index] = [
-                    Hypothesis([piece_id(p) for p in tokens], score, score)
-                    for tokens, score in zip(r.hypotheses, r.scores)
+                    self._hypothesis(tokens, score, options) for tokens, score in zip(r.hypotheses, r.scores)
                 ]
         return found
+
+    def _hypothesis(self, pieces: list[str], score: float, options: DecodeOptions) -> Hypothesis:
+        """CTranslate2 returns the normalised score; the log-probability is that times length ** penalty."""
+        tokens = [self.piece_id(p) for p in pieces]
+        return Hypothesis(tokens, score, score * (len(tokens) + 1) ** options.length_penalty)

@@ -1,0 +1,140 @@
+"""The one decoding path: options in one frozen record, an engine that searches, one `decode` function.
+
+Every caller (`mt translate`, `mt eval`, `mt tune`, validation during training, the model card,
+`mt attention`) turns source ids into hypotheses through `decode`, so they share one rule for
+truncating over-long sources, one token budget per batch and one precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mt.batching import make_batches, pad
+from mt.config import Config, DecodeConfig
+from mt.device import autocast, pick_device
+from mt.errors import CheckpointError, MTError
+from mt.model import Transformer, build_model, cross_attention_weights
+from mt.run_dir import RunDir, load_weights
+from mt.search import Hypothesis, search
+from mt.tokenizer import Tokenizer
+from mt.vocab import BOS, EOS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode; `from_config` reads the `decode` section, `dataclasses.replace` varies it."""
+
+    beam: int = 5  # 1 = greedy
+    length_penalty: float = 1.0  # score = log P(y|x) / len(y) ** length_penalty
+    max_len_a: float = 1.2  # a hypothesis has at most a * len(src) + b pieces
+    max_len_b: int = 10
+    nbest: int = 1  # hypotheses returned per sentence, best first
+    no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
+    use_cache: bool = True  # False: the uncached reference decoder (tests, benchmarks)
+    max_tokens: int = 6144  # source pieces x beam size per batch, padding included
+    precision: str = "auto"  # autocast precision of the PyTorch engine (auto | fp32 | bf16 | fp16)
+
+    @classmethod
+    def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:
+        """The config's settings with `changes` applied; a change of None keeps the config's value."""
+        names = {f.name for f in fields(cls)}
+        options = cls(**{name: value for name, value in vars(config).items() if name in names})
+        options = replace(options, **{name: value for name, value in changes.items() if value is not None})
+        if options.beam < 1:
+            raise MTError("the beam size must be at least 1")
+        if not 1 <= options.nbest <= options.beam:
+            raise MTError(f"nbest {options.nbest}: must be between 1 and the beam size ({options.beam})")
+        return options
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Sources per batch are bounded by `max_tokens` decoder rows: source pieces times beam size."""
+        return max(1, self.max_tokens // self.beam)
+
+
+class Engine(Protocol):
+    """What decoding needs of a model: how long a source it reads, and a batched search."""
+
+    device: torch.device
+    max_source: int  # source pieces (without EOS) the model reads
+
+    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+        """Sources no longer than `max_source` -> per source its `options.nbest` hypotheses, in order."""
+        ...
+
+
+class TorchEngine:
+    """A `Transformer` on a device: sorted batches of similar-length sources, mt's own search."""
+
+    def __init__(self, model: Transformer, device: torch.device):
+        self.model, self.device = model.eval(), device
+        self.max_source = model.max_positions - 1
+
+    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+        lengths = [len(s) + 1 for s in sources]
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for batch in make_batches(lengths, lengths, options.rows_per_batch):
+            src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
+            with autocast(self.device, options.precision):
+                for index, hyps in zip(batch, search(self.model, src, options)):
+                    results[index] = hyps
+        return results
+
+    def cross_attention(self, source: list[int], tokens: list[int]) -> torch.Tensor:
+        """Teacher-forced cross-attention of `tokens` over `source`: (layers, heads, len(tokens)+1, len(source)+1)."""
+        src = torch.tensor([source + [EOS]], device=self.device)
+        tgt_in = torch.tensor([[BOS] + tokens], device=self.device)
+        return cross_attention_weights(self.model, src, tgt_in)[:, 0].cpu()
+
+
+def decode(engine: Engine, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+    """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order.
+
+    A source longer than the engine reads is cut to that length, with a warning.
+    """
+    limit = engine.max_source
+    for ids in sources:
+        if len(ids) > limit:
+            log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), limit)
+    return engine.search([ids[:limit] for ids in sources], options) if sources else []
+
+
+def load_model(run: RunDir, config: Config, tokenizer: Tokenizer, device: torch.device, checkpoint: str) -> Transformer:
+    """Rebuild a run directory's model from its config and a checkpoint, checking it fits the tokenizer."""
+    path = run.checkpoint(checkpoint)
+    weights = load_weights(path, device)
+    vocab = [tokenizer.src_vocab_size, tokenizer.tgt_vocab_size]
+    if weights.vocab != vocab or weights.tokenizer != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{path}: trained with vocabulary sizes {weights.vocab} and another SentencePiece model "
+            f"than {run}'s (sizes {vocab}); were run directories mixed up?"
+        )
+    model = build_model(config.model, *vocab, tokenizer.joint).to(device)
+    try:
+        model.load_state_dict(weights.model)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in {run.config.name} ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
+def open_engine(
+    run: RunDir, config: Config, tokenizer: Tokenizer, checkpoint: str, device: str = "auto", kind: str = "auto"
+) -> Engine:
+    """The engine for a model directory: `kind` auto picks CTranslate2 for an `mt export` directory."""
+    if kind not in ("auto", "torch", "ctranslate2"):
+        raise MTError(f"--engine {kind!r}: use auto, torch or ctranslate2")
+    if kind == "ctranslate2" or (kind == "auto" and run.is_export()):
+        from mt.ct2 import CTranslate2Engine
+
+        return CTranslate2Engine(Path(run), config, tokenizer, device)
+    torch_device = pick_device(device)
+    return TorchEngine(load_model(run, config, tokenizer, torch_device, checkpoint), torch_device)

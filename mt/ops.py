@@ -1,0 +1,104 @@
+"""Custom autograd kernels the model is built from: rotary positions and a CPU dropout with a byte mask.
+
+Each computes what a few lines of tensor arithmetic would, with less memory kept for the backward
+pass; the tests check them against that arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) of the queries and keys of a fused q/k/v tensor.
+
+    Channel i of the first half and channel i of the second half form a pair that is rotated by
+    the angle position * base ** (-2i / Dh); a query-key dot product then depends only on the
+    distance between their positions, not on where they are.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, not {head_dim}")
+        frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * frequency  # (P, Dh/2)
+        # (P, 3, Dh/2) for the slots q, k, v: values are not rotated (angle 0)
+        cos = torch.stack([angles.cos(), angles.cos(), torch.ones_like(angles)], dim=1)
+        sin = torch.stack([angles.sin(), angles.sin(), torch.zeros_like(angles)], dim=1)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, qkv: Tensor, offset: int = 0) -> Tensor:
+        """qkv (B, L, 3, H, Dh) at positions offset..offset+L-1 -> queries and keys rotated, same shape."""
+        positions = slice(offset, offset + qkv.size(1))
+        cos, sin = self.cos[positions, :, None].to(qkv.dtype), self.sin[positions, :, None].to(qkv.dtype)
+        return _Rotation.apply(qkv, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Pairs (x[..., i], x[..., i + Dh/2]) rotated by the angles of cos/sin (broadcast to x[..., :Dh/2])."""
+    half = x.size(-1) // 2
+    first, second = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out_first, out_second = out[..., :half], out[..., half:]
+    torch.mul(first, cos, out=out_first).addcmul_(second, sin, value=-1)
+    torch.mul(first, sin, out=out_second).addcmul_(second, cos)
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """`_rotate` written into one new tensor, keeping nothing of x for backward (which rotates back).
+
+    The same as a few lines of tensor arithmetic, but those leave half a dozen temporaries of
+    q/k/v size per layer that fragment the allocator's heap: training peaked ~70 MB higher.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+class _ByteMaskDropout(torch.autograd.Function):
+    """Dropout from 15-bit random integers, keeping a 1-byte mask for the backward pass.
+
+    PyTorch's CPU dropout draws a float mask with `bernoulli_` and keeps it (4 bytes per
+    activation). `random_` on int32 gives 31 random bits per draw; splitting each word into two
+    15-bit samples is ~3x faster, and the bool mask takes a quarter of the memory. The drop
+    probability is rounded to a multiple of 1/32768 and the scale uses the rounded value, so the
+    expectation stays exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        dropped = round(p * 32768)
+        words = torch.empty((x.numel() + 1) // 2, dtype=torch.int32, device=x.device).random_()
+        samples = words.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF  # uniform over 0..32767
+        keep = samples >= dropped
+        ctx.scale = 32768 / (32768 - dropped)
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x * ctx.scale, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout; on the CPU with a byte mask and a faster random draw (`_ByteMaskDropout`).
+
+    CUDA's fused dropout kernel already keeps a byte mask, so other devices use it unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or not x.is_floating_point():
+            return super().forward(x)
+        return _ByteMaskDropout.apply(x, self.p)
