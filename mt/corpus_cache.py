@@ -170,69 +170,78 @@ def prepare_corpus(
             pass  # unreadable: encode again
         log.info("%s: the %s corpus or tokenizer changed; encoding it again", cache_dir, split)
         meta_path.unlink()
-
     largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
-    lengths: list[np.ndarray] = []
-    kept_texts: list[str] = []
-    too_long = bad_ratio = 0
-    threads = _cpu_count()
-
-    def encode(src_handle, tgt_handle) -> None:
-        nonlocal too_long, bad_ratio
-        bar = progress_bar(desc=f"encoding {split}", unit=" pairs", unit_scale=True, leave=False)
-        for chunk in _chunks(iter_pairs(src_path, tgt_path, errors), CHUNK_PAIRS):
-            src_ids = tokenizer.encode_src([s for s, _ in chunk], threads)
-            tgt_ids = tokenizer.encode_tgt([t for _, t in chunk], threads)
-            counts = np.array([(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)], dtype=np.int32)
-            keep = np.ones(len(chunk), dtype=bool) if max_length is None else (counts < max_length).all(axis=1)
-            too_long += int((~keep).sum())
-            if max_length_ratio:
-                # + 1 for EOS, so a one-piece sentence is not judged by its length alone
-                ratio_ok = counts.max(axis=1) + 1 <= max_length_ratio * (counts.min(axis=1) + 1)
-                bad_ratio += int((keep & ~ratio_ok).sum())
-                keep &= ratio_ok
-            kept = keep.tolist()
-            for handle, ids in ((src_handle, src_ids), (tgt_handle, tgt_ids)):
-                flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
-                handle.write(np.fromiter(flat, dtype=dtype).tobytes())
-            lengths.append(counts[keep])
-            if texts:
-                kept_texts.extend(t for (_, t), k in zip(chunk, kept) if k)
-            bar.update(len(chunk))
-        bar.close()
+    encoding = _Encoding(tokenizer, dtype, max_length, max_length_ratio, texts)
 
     def write_both(src_handle) -> None:
-        atomic_write(cache_dir / f"{split}.tgt.bin", lambda tgt_handle: encode(src_handle, tgt_handle))
+        pairs = iter_pairs(src_path, tgt_path, errors)
+        atomic_write(
+            cache_dir / f"{split}.tgt.bin", lambda tgt_handle: encoding.run(pairs, src_handle, tgt_handle, split)
+        )
 
     atomic_write(cache_dir / f"{split}.src.bin", write_both)
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), dtype=np.int32)
-    atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, all_lengths))
+    lengths = np.concatenate(encoding.lengths) if encoding.lengths else np.zeros((0, 2), dtype=np.int32)
+    atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, lengths))
     if texts:
-        atomic_write_text(cache_dir / f"{split}.tgt.txt", "".join(line + "\n" for line in kept_texts))
-    if too_long:
-        log.warning("%s: left out %d pairs longer than data.max_length=%d pieces", src_path, too_long, max_length)
-    if bad_ratio:
+        atomic_write_text(cache_dir / f"{split}.tgt.txt", "".join(line + "\n" for line in encoding.kept_targets))
+    if encoding.too_long:
+        log.warning("%s: left out %d pairs of %d pieces or more", src_path, encoding.too_long, max_length)
+    if encoding.bad_ratio:
         log.warning(
             "%s: left out %d pairs with a length ratio over data.max_length_ratio=%g",
-            src_path,
-            bad_ratio,
-            max_length_ratio,
-        )
+            src_path, encoding.bad_ratio, max_length_ratio,
+        )  # fmt: skip
     meta = {
         "key": key,
         "dtype": dtype.name,
-        "pairs": len(all_lengths),
-        "skipped_too_long": too_long,
-        "skipped_length_ratio": bad_ratio,
+        "pairs": len(lengths),
+        "skipped_too_long": encoding.too_long,
+        "skipped_length_ratio": encoding.bad_ratio,
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-    log.info(
-        "%s: encoded %d %s pairs (%d + %d pieces)",
-        cache_dir,
-        len(all_lengths),
-        split,
-        int(all_lengths[:, 0].sum()),
-        int(all_lengths[:, 1].sum()),
-    )
+    pieces = (int(lengths[:, 0].sum()), int(lengths[:, 1].sum()))
+    log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, len(lengths), split, *pieces)
     return EncodedCorpus(cache_dir, split)
+
+
+class _Encoding:
+    """Pairs -> piece ids written to two files, the length filters applied and counted."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, dtype: np.dtype, max_length: int | None, max_length_ratio: float, texts: bool
+    ):
+        self.tokenizer, self.dtype, self.texts = tokenizer, dtype, texts
+        self.max_length, self.max_length_ratio = max_length, max_length_ratio
+        self.lengths: list[np.ndarray] = []
+        self.kept_targets: list[str] = []
+        self.too_long = self.bad_ratio = 0
+
+    def keep(self, counts: np.ndarray) -> np.ndarray:
+        """(pairs, 2) piece counts -> which pairs pass the length filters."""
+        keep = np.ones(len(counts), dtype=bool) if self.max_length is None else (counts < self.max_length).all(axis=1)
+        self.too_long += int((~keep).sum())
+        if self.max_length_ratio:
+            # + 1 for EOS, so a one-piece sentence is not judged by its length alone
+            ratio_ok = counts.max(axis=1) + 1 <= self.max_length_ratio * (counts.min(axis=1) + 1)
+            self.bad_ratio += int((keep & ~ratio_ok).sum())
+            keep &= ratio_ok
+        return keep
+
+    def run(self, pairs: Iterator[tuple[str, str]], src_handle, tgt_handle, split: str) -> None:
+        threads = _cpu_count()
+        bar = progress_bar(desc=f"encoding {split}", unit=" pairs", unit_scale=True, leave=False)
+        for chunk in _chunks(pairs, CHUNK_PAIRS):
+            src_ids = self.tokenizer.encode_src([s for s, _ in chunk], threads)
+            tgt_ids = self.tokenizer.encode_tgt([t for _, t in chunk], threads)
+            counts = np.array([(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)], dtype=np.int32)
+            keep = self.keep(counts)
+            kept = keep.tolist()
+            for handle, ids in ((src_handle, src_ids), (tgt_handle, tgt_ids)):
+                flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
+                handle.write(np.fromiter(flat, dtype=self.dtype).tobytes())
+            self.lengths.append(counts[keep])
+            if self.texts:
+                self.kept_targets.extend(t for (_, t), k in zip(chunk, kept) if k)
+            bar.update(len(chunk))
+        bar.close()

@@ -172,36 +172,18 @@ class RunDir:
 
     def __init__(self, path: str | Path | RunDir):
         self.path = Path(path)
+        self.config = self.path / CONFIG
+        self.best = self.path / BEST
+        self.metrics = self.path / METRICS
+        self.card = self.path / CARD
+        self.cache = self.path / CACHE_DIR
+        self.export_info = self.path / EXPORT_INFO
 
     def __str__(self) -> str:
         return str(self.path)
 
     def __fspath__(self) -> str:
         return str(self.path)
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def best(self) -> Path:
-        return self.path / BEST
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def card(self) -> Path:
-        return self.path / CARD
-
-    @property
-    def cache(self) -> Path:
-        return self.path / CACHE_DIR
-
-    @property
-    def export_info(self) -> Path:
-        return self.path / EXPORT_INFO
 
     def tokenizer_files(self, joint: bool) -> tuple[Path, Path]:
         if joint:

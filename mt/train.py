@@ -236,8 +236,11 @@ class TrainingRun:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train(self) -> None:
-        """Update until `stop_reason` says so; then the final checkpoint, replica check and model card."""
+    def train(self) -> str:
+        """Update until `stop_reason` says so; then the final checkpoint, replica check and model card.
+
+        Returns why it stopped: max_steps, max_epochs, max_time, patience or signal.
+        """
         t, p, world = self.config.train, self.progress, self.world
         log.info(
             "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)",
@@ -262,6 +265,7 @@ class TrainingRun:
                     self.validate_and_save(epoch_end=True)
                     reason = reason or self.stop_reason(self.agree())
         self.finish(reason)
+        return reason
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This epoch's batches (pair indices) in training order; an update takes `update_freq` per rank."""

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mt.config import config_to_dict, load_config, parse_duration
+from mt.config import config_to_dict, load_config, parse_duration, save_config
 from mt.errors import ConfigError
 
 
@@ -55,10 +55,17 @@ def test_durations():
     assert parse_duration("3600") == 3600
 
 
-@pytest.mark.parametrize(
-    "preset", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
-)
-def test_presets_load_and_name_their_reference(preset):
+PRESETS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_load_name_their_reference_and_reload_as_saved(preset, tmp_path):
     config = load_config(preset)
-    assert config.model.d_model % config.model.heads == 0
     assert "reference" in preset.read_text().lower()
+    save_config(config, tmp_path / "config.yaml")  # what a run directory keeps, and resumes from
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_presets_train_into_run_directories_of_their_own():
+    run_dirs = [load_config(preset).train.run_dir for preset in PRESETS]
+    assert len(set(run_dirs)) == len(run_dirs)

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,29 @@ def test_best_reachable_bounds_every_continuation():
         for extra in range(1, 10):  # any continuation: more pieces, lower log-probability
             later = log_prob - torch.rand(50, generator=generator) * extra
             assert (later / (3 + extra) ** penalty <= bound + 1e-6).all()
+
+
+def test_decode_options_come_from_the_config_and_none_keeps_its_value():
+    from mt.config import DecodeConfig
+    from mt.errors import MTError
+
+    config = DecodeConfig(beam=4, length_penalty=0.6, max_tokens=1000)
+    options = DecodeOptions.from_config(config, beam=None, nbest=2, length_penalty=None)
+    assert (options.beam, options.nbest, options.length_penalty, options.rows_per_batch) == (4, 2, 0.6, 250)
+    assert DecodeOptions.from_config(config, beam=1).rows_per_batch == 1000
+    with pytest.raises(MTError, match="nbest 5: must be between 1 and the beam size"):
+        DecodeOptions.from_config(config, nbest=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # vary it with dataclasses.replace
+        options.beam = 2
+
+
+def test_every_caller_truncates_an_overlong_source_to_the_model_positions(caplog):
+    from mt.decoding import decode
+    from mt.translate import Translator
+
+    translator = Translator(Path(__file__).parent / "fixtures" / "run_0.1.0" / "run", device="cpu")
+    limit = translator.engine.max_source
+    long, short = [5] * (limit + 20), [5] * limit
+    hyps = decode(translator.engine, [long, short], translator.options(beam=2))
+    assert [h[0].tokens for h in hyps][0] == hyps[1][0].tokens
+    assert f"input line of {limit + 20} pieces truncated to {limit}" in caplog.text
