@@ -7,7 +7,6 @@ or usage, 130 interrupted.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -188,17 +187,13 @@ def average(
     Example: mt average runs/multi30k_de_en --last 5 -o runs/multi30k_de_en/averaged.pt;
     then mt translate runs/multi30k_de_en --checkpoint averaged.pt
     """
-    from mt.run_dir import average_weights, save_checkpoint
+    from mt.run_dir import average_last, save_checkpoint
 
-    if last < 1:
-        raise MTError("--last must be at least 1")
     if output.exists() and not force:
         raise MTError(f"{output}: exists; use --force to replace it")
-    paths = RunDir(run_dir).step_checkpoints()
-    if len(paths) < last:
-        raise MTError(f"{run_dir}: has {len(paths)} step checkpoints, fewer than --last {last}")
-    save_checkpoint(output, average_weights(paths[-last:]))
-    log.info("averaged %s into %s", ", ".join(p.name for p in paths[-last:]), output)
+    averaged = average_last(RunDir(run_dir), last)
+    save_checkpoint(output, averaged)
+    log.info("averaged %s into %s", ", ".join(Path(p).name for p in averaged.averaged or []), output)
 
 
 @app.command()
@@ -326,20 +321,13 @@ def attention(
     Example: mt attention runs/multi30k_de_en "Ein Hund läuft über die Wiese." --all-heads -o dog.png
     (needs matplotlib: pip install 'mt\\[plot]')
     """
-    from mt.plots import plot_attention
+    from mt.plots import plot_layer_attention
     from mt.translate import Translator
 
     translator = Translator(run_dir, checkpoint, device, engine="torch")
     weights, src_pieces, tgt_pieces, text = translator.attention(sentence, translator.options(beam=beam))
-    layers, heads = weights.shape[:2]
-    if not -layers <= layer < layers:
-        raise MTError(f"--layer {layer}: the decoder has {layers} layers (0..{layers - 1}, or -1 for the last)")
-    if head is not None and not 0 <= head < heads:
-        raise MTError(f"--head {head}: the layers have {heads} heads (0..{heads - 1})")
-    title = f"layer {layer % layers} cross-attention: {text}"
-    written = plot_attention(
-        weights[layer], src_pieces, tgt_pieces, out or run_dir / "attention.png", title, head, all_heads
-    )
+    out = out or run_dir / "attention.png"
+    written = plot_layer_attention(weights, src_pieces, tgt_pieces, text, out, layer, head, all_heads)
     typer.echo(text)
     log.info("wrote %s", written)
 
@@ -391,42 +379,25 @@ def evaluate(
     mt eval --hyp base.en --hyp new.en --ref data/multi30k-de-en/test.en --paired-bs
     """
     from mt.data import read_lines
-    from mt.evaluate import corpus_scores, format_paired, format_scores, paired_bootstrap
+    from mt.evaluate import score_report
     from mt.files import atomic_write_text
-    from mt.translate import Translator
+    from mt.translate import Translator, translate_file
 
-    refs = read_lines(ref)
+    if paired_bs and samples < 1:
+        raise MTError("--samples must be at least 1")
     if hyp:
         if run_dir is not None or src is not None:
             raise MTError("give either --hyp or RUN_DIR with --src, not both")
         systems = {str(path): read_lines(path) for path in hyp}
     elif run_dir is not None and src is not None:
         translator = Translator(run_dir, checkpoint, device)
-        lines = read_lines(src)
-        bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
-        hyps = []
-        for translations in translator.translate(lines, translator.options(beam=beam)):
-            hyps.append(translations[0].text)
-            bar.update()
-        bar.close()
+        hyps = translate_file(translator, src, translator.options(beam=beam))
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))
         systems = {str(run_dir): hyps}
     else:
         raise MTError("give --hyp, or RUN_DIR and --src")
-    if paired_bs:
-        if samples < 1:
-            raise MTError("--samples must be at least 1")
-        rows = paired_bootstrap(systems, refs, samples)
-        typer.echo(json.dumps(rows, indent=2) if as_json else format_paired(rows, samples))
-        return
-    results = {name: corpus_scores(hyps, refs) for name, hyps in systems.items()}
-    if as_json:
-        plain = {name: {k: v for k, v in r.items() if not k.endswith("_text")} for name, r in results.items()}
-        typer.echo(json.dumps(plain if len(plain) > 1 else next(iter(plain.values())), indent=2))
-    else:
-        for name, scores in results.items():
-            typer.echo((f"{name}:\n" if len(results) > 1 else "") + format_scores(scores))
+    typer.echo(score_report(systems, read_lines(ref), samples if paired_bs else 0, as_json))
 
 
 def main() -> None:

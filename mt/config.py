@@ -254,6 +254,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{where}{exc}") from None
 
 
+def check_resumable(saved: Config, given: Config, fixed: list[str], where: Path) -> list[str]:
+    """Refuse a config that changes a `fixed` section (say, the model of a run that has checkpoints);
+    returns the changed keys of the sections a continued run may change (data, train, decode)."""
+    old, new = config_to_dict(saved), config_to_dict(given)
+    for section in fixed:
+        for key, value in new[section].items():
+            if old[section].get(key) != value:
+                raise ConfigError(
+                    f"{where}: this run has {section}.{key}={old[section].get(key)!r}, "
+                    f"the config asks for {value!r}; start a new run with another train.run_dir"
+                )
+    return [f"{s}.{k}" for s in ("data", "train", "decode") for k in new[s] if old[s].get(k) != new[s][k]]
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
     values = dataclasses.asdict(config)
     values["train"]["adam_betas"] = list(values["train"]["adam_betas"])

@@ -16,17 +16,20 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mt.data import file_sha256, iter_pairs
+from mt.config import Config
+from mt.data import corpus_files, file_sha256, iter_pairs
+from mt.errors import DataError
 from mt.files import atomic_write, atomic_write_text
 from mt.progress import progress_bar
-from mt.tokenizer import Tokenizer
+from mt.run_dir import RunDir
+from mt.tokenizer import Tokenizer, load_tokenizer, prepare_tokenizer
 from mt.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,34 @@ def prepare_corpus(
     pieces = (int(lengths[:, 0].sum()), int(lengths[:, 1].sum()))
     log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, len(lengths), split, *pieces)
     return EncodedCorpus(cache_dir, split)
+
+
+def prepare_run_data(
+    config: Config, run: RunDir, main: bool = True, wait: Callable[[], None] = lambda: None
+) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus]:
+    """The run directory's tokenizer and encoded train/valid corpora: made by the `main` process (trained
+    and encoded where missing or changed), loaded by the others once `wait()` returns."""
+    d, cache = config.data, run.cache
+    train_files = corpus_files(d.dir, d.train, d.src, d.tgt)
+    valid_files = corpus_files(d.dir, d.valid, d.src, d.tgt)
+    for src_path, tgt_path in (train_files, valid_files):
+        if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
+            raise DataError(f"{src_path}: no sentence pairs")
+    if main:
+        tokenizer = prepare_tokenizer(run, config.tokenizer, *train_files, errors=d.errors)
+        train = prepare_corpus(cache, d.train, *train_files, tokenizer, d.max_length, d.max_length_ratio, d.errors)
+        # validation pairs must fit the model's positions; their references are kept as text
+        limit = config.model.max_positions
+        valid = prepare_corpus(cache, d.valid, *valid_files, tokenizer, limit, 0.0, d.errors, texts=True)
+    wait()
+    if not main:
+        tokenizer = load_tokenizer(run, config.tokenizer.joint)
+        train, valid = EncodedCorpus(cache, d.train), EncodedCorpus(cache, d.valid)
+    if len(train) == 0:
+        raise DataError(f"{train_files[0]}: no pairs within data.max_length={d.max_length} pieces")
+    if len(valid) == 0:
+        raise DataError(f"{valid_files[0]}: no pairs within model.max_positions={config.model.max_positions}")
+    return tokenizer, train, valid
 
 
 class _Encoding:

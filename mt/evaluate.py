@@ -3,6 +3,7 @@ bootstrap resampling to tell whether one system really beats another."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF, TER
@@ -81,3 +82,18 @@ def format_paired(rows: list[dict[str, Any]], samples: int) -> str:
         lines.append(f"{label}: " + "; ".join(cells))
     lines += [f"  {metric} signature: {rows[0][f'{metric}_signature']}" for metric in METRICS]
     return "\n".join(lines)
+
+
+def score_report(
+    systems: dict[str, list[str]], refs: list[str], bootstrap_samples: int = 0, as_json: bool = False
+) -> str:
+    """The scores of each system (hypotheses by name) as text or JSON; with `bootstrap_samples`, the
+    paired bootstrap comparison of every system against the first instead."""
+    if bootstrap_samples:
+        rows = paired_bootstrap(systems, refs, bootstrap_samples)
+        return json.dumps(rows, indent=2) if as_json else format_paired(rows, bootstrap_samples)
+    results = {name: corpus_scores(hyps, refs) for name, hyps in systems.items()}
+    if as_json:
+        plain = {name: {k: v for k, v in r.items() if not k.endswith("_text")} for name, r in results.items()}
+        return json.dumps(plain if len(plain) > 1 else next(iter(plain.values())), indent=2)
+    return "\n".join((f"{name}:\n" if len(results) > 1 else "") + format_scores(r) for name, r in results.items())

@@ -10,6 +10,7 @@ corpus has one, is translated once with the model's decoding defaults and scored
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ import yaml
 
 from mt.config import Config, config_to_dict, load_config
 from mt.data import corpus_files, read_lines
-from mt.errors import DataError
+from mt.errors import DataError, MTError
 from mt.evaluate import corpus_scores
 from mt.files import atomic_write_text
 from mt.run_dir import RunDir, load_state, load_weights
 from mt.search import search_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +105,7 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
 def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str, Any] | None:
     """BLEU/chrF/TER on the corpus's test split with the model's decoding defaults (checkpoint, beam,
     length penalty), if it has a test split."""
-    from mt.translate import Translator
+    from mt.translate import Translator, translate_file
 
     d = config.data
     try:
@@ -113,8 +116,26 @@ def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str
     if not run.checkpoint(config.decode.checkpoint).is_file():
         return None
     translator = Translator(run, device=device, engine="torch")
-    hyps = [t[0].text for t in translator.translate(read_lines(src_path))]
+    hyps = translate_file(translator, src_path)
     return {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path), "checkpoint": translator.checkpoint}
+
+
+def card_after_training(run: RunDir, config: Config, device: torch.device, facts: CardFacts) -> dict[str, Any] | None:
+    """At the end of training: score the test split (`train.score_test`, when the corpus has one) and
+    write the card. Returns the test scores; a bad test split only warns (the model is saved)."""
+    try:
+        test = test_scores(run.path, config, str(device)) if config.train.score_test else None
+    except MTError as exc:
+        log.warning("no test scores for the model card: %s", exc)
+        test = None
+    if test:
+        log.info("%s: BLEU %.2f chrF %.2f with %s (%s)",
+                 test["file"], test["bleu"], test["chrf"], test["checkpoint"], test["bleu_signature"])  # fmt: skip
+    if facts.best_step is None and run.best.is_file():  # resumed from a version that did not record it
+        on_disk = facts_from_files(run)
+        facts.best_step, facts.best_scores = on_disk.best_step, on_disk.best_scores
+    log.info("model card: %s", write_model_card(run.path, device, facts, test))
+    return test
 
 
 def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test: dict[str, Any] | None = None) -> Path:

@@ -73,6 +73,27 @@ def plot_learning_curves(run_dir: Path, out: Path) -> Path:
     return _save(figure, out, plt)
 
 
+def plot_layer_attention(
+    weights: torch.Tensor,
+    src_pieces: list[str],
+    tgt_pieces: list[str],
+    translation: str,
+    out: Path,
+    layer: int = -1,
+    head: int | None = None,
+    all_heads: bool = False,
+) -> Path:
+    """One decoder layer's cross-attention of a translation; weights (layers, H, T, S) as from
+    `Translator.attention`."""
+    layers, heads = weights.shape[:2]
+    if not -layers <= layer < layers:
+        raise MTError(f"--layer {layer}: the decoder has {layers} layers (0..{layers - 1}, or -1 for the last)")
+    if head is not None and not 0 <= head < heads:
+        raise MTError(f"--head {head}: the layers have {heads} heads (0..{heads - 1})")
+    title = f"layer {layer % layers} cross-attention: {translation}"
+    return plot_attention(weights[layer], src_pieces, tgt_pieces, out, title, head, all_heads)
+
+
 def plot_attention(
     weights: torch.Tensor,
     src_pieces: list[str],

@@ -15,11 +15,13 @@ still load, translate and resume.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,31 +83,68 @@ class Weights:
 
 
 @dataclass
+class Progress:
+    """Where a training run stands; every step checkpoint holds it, so a resumed run continues exactly there."""
+
+    step: int = 0  # updates applied
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch (epoch + 1) already trained on, all ranks together
+    elapsed: float = 0.0  # wall-clock seconds of training so far, over all sessions of the run
+    best_bleu: float = -math.inf
+    best_loss: float = math.inf
+    validations_without_gain: int = 0
+    last_validated_step: int = -1
+    best_step: int = -1  # of best.pt (-1: not known, e.g. a run saved by mt 0.1.0)
+    best_scores: dict[str, float] = field(default_factory=dict)  # best.pt's validation scores
+
+    def improves(self, scores: dict[str, float]) -> bool:
+        """A validation result beats the best so far: higher BLEU, or equal BLEU and lower loss."""
+        bleu, loss = scores["valid_bleu"], scores["valid_loss"]
+        return bleu > self.best_bleu or (bleu == self.best_bleu and loss < self.best_loss)
+
+
+@dataclass
 class StepCheckpoint:
     """Everything an exact resume needs: weights, optimizer, progress, random-generator states."""
 
     model: dict[str, torch.Tensor]
     trainer: dict[str, Any]  # optimizer and GradScaler states
-    progress: dict[str, Any]  # mt.train.Progress as a dict
+    progress: Progress
     rng: list[dict[str, Any]]  # one per rank
     tokenizer: str
     vocab: list[int]
     world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "progress": asdict(self.progress)}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> StepCheckpoint:
+        known = {f.name for f in fields(Progress)}  # a checkpoint of another version may hold other fields
         return cls(
             state["model"],
             state["trainer"],
-            state["progress"],
+            Progress(**{k: v for k, v in state["progress"].items() if k in known}),
             state["rng"],
             state.get("tokenizer", ""),
             state.get("vocab", []),
             state.get("world_size", 1),
         )
+
+
+class MetricsLog:
+    """Appends one JSON object per line to a run's metrics log (or, given no path, nothing: ranks other than 0)."""
+
+    def __init__(self, path: Path | None):
+        self.handle = open(path, "a", encoding="utf-8", buffering=1) if path else None
+
+    def write(self, **record) -> None:
+        if self.handle:
+            self.handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
 
 
 def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -167,6 +206,16 @@ def average_weights(paths: list[Path]) -> Weights:
     return Weights(model, newest.tokenizer, newest.vocab, newest.step, newest.epoch, averaged=[str(p) for p in paths])
 
 
+def average_last(run: RunDir, count: int) -> Weights:
+    """The average of a run's newest `count` step checkpoints."""
+    if count < 1:
+        raise CheckpointError("--last must be at least 1")
+    paths = run.step_checkpoints()
+    if len(paths) < count:
+        raise CheckpointError(f"{run}: has {len(paths)} step checkpoints, fewer than --last {count}")
+    return average_weights(paths[-count:])
+
+
 class RunDir:
     """Paths of one run directory (or export), and the questions about what it holds."""
 
@@ -192,6 +241,11 @@ class RunDir:
 
     def has_tokenizer(self, joint: bool) -> bool:
         return self.tokenizer_files(joint)[0].is_file()
+
+    def fixed_sections(self, joint: bool) -> list[str]:
+        """Config sections a continued run must keep: the tokenizer once trained, the model once saved."""
+        made = {"tokenizer": self.has_tokenizer(joint), "model": bool(self.step_checkpoints())}
+        return [section for section, exists in made.items() if exists]
 
     def is_run_dir(self) -> bool:
         return self.config.is_file()

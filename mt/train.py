@@ -8,115 +8,31 @@ votes all ranks agree on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mt.batching import make_batches
-from mt.config import Config, config_to_dict, load_config, parse_duration, save_config
-from mt.corpus_cache import EncodedCorpus, prepare_corpus
-from mt.data import corpus_files, iter_pairs
+from mt.config import Config, check_resumable, load_config, parse_duration, save_config
+from mt.corpus_cache import prepare_run_data
 from mt.device import release_free_heap
 from mt.distributed import World, barrier, check_replicas, gather_objects, init_world, shutdown, sum_values
-from mt.errors import CheckpointError, ConfigError, DataError, MTError, TrainingError
+from mt.errors import CheckpointError, ConfigError, TrainingError
 from mt.model import build_model, count_parameters
-from mt.model_card import CardFacts, facts_from_files, test_scores, write_model_card
+from mt.model_card import CardFacts, card_after_training
 from mt.optim import inverse_sqrt_lr
 from mt.progress import progress_bar
-from mt.run_dir import RunDir, StepCheckpoint, Weights, save_checkpoint
-from mt.tokenizer import Tokenizer, load_tokenizer, prepare_tokenizer
+from mt.run_dir import MetricsLog, Progress, RunDir, StepCheckpoint, Weights, save_checkpoint
+from mt.signals import GracefulStop
 from mt.trainer import StepStats, Trainer, UpdateResult, make_trainer, prefetched_batches, rng_state, set_rng_state
 from mt.validation import validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    """Where a run stands; every checkpoint holds it, so a resumed run continues exactly there."""
-
-    step: int = 0  # updates applied
-    epoch: int = 0  # epochs completed
-    batches_done: int = 0  # batches of the current epoch (epoch + 1) already trained on, all ranks together
-    elapsed: float = 0.0  # wall-clock seconds of training so far, over all sessions of the run
-    best_bleu: float = -math.inf
-    best_loss: float = math.inf
-    validations_without_gain: int = 0
-    last_validated_step: int = -1
-    best_step: int = -1  # of best.pt (-1: not known, e.g. a run saved by mt 0.1.0)
-    best_scores: dict[str, float] = field(default_factory=dict)  # best.pt's validation scores
-
-    def improves(self, scores: dict[str, float]) -> bool:
-        """A validation result beats the best so far: higher BLEU, or equal BLEU and lower loss."""
-        bleu, loss = scores["valid_bleu"], scores["valid_loss"]
-        return bleu > self.best_bleu or (bleu == self.best_bleu and loss < self.best_loss)
-
-
-class GracefulStop:
-    """While active, SIGINT/SIGTERM ask the training run to stop after the current update.
-
-    A second SIGINT interrupts at once (KeyboardInterrupt), for when saving takes too long.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number: int, frame) -> None:
-        if self.signal_name is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(number).name
-        log.warning("%s received: finishing this update, then saving a checkpoint", self.signal_name)
-
-
-class MetricsLog:
-    """Appends one JSON object per line to the run's metrics log (rank 0 only; elsewhere a no-op)."""
-
-    def __init__(self, path: Path | None):
-        self.handle = open(path, "a", encoding="utf-8", buffering=1) if path else None
-
-    def write(self, **record) -> None:
-        if self.handle:
-            self.handle.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-
-
-def check_same_model(saved: Config, given: Config, run: RunDir) -> None:
-    """Once a run directory has a tokenizer (checkpoints), refuse a config that changes it (the model)."""
-    old, new = config_to_dict(saved), config_to_dict(given)
-    made = {"tokenizer": run.has_tokenizer(saved.tokenizer.joint), "model": bool(run.step_checkpoints())}
-    for section in (name for name, exists in made.items() if exists):
-        for key, value in new[section].items():
-            if old[section].get(key) != value:
-                raise ConfigError(
-                    f"{run.config}: this run has {section}.{key}={old[section].get(key)!r}, "
-                    f"the config asks for {value!r}; start a new run with another train.run_dir"
-                )
-    changed = [f"{s}.{k}" for s in ("data", "train", "decode") for k in new[s] if old[s].get(k) != new[s][k]]
-    if changed:
-        log.info("continuing with changed settings: %s", ", ".join(changed))
 
 
 def train(config: Config, resume: bool = False) -> Path:
@@ -165,14 +81,21 @@ class TrainingRun:
         """Run directory, tokenizer, encoded corpora, model and optimizer (no checkpoint is read yet)."""
         t = self.config.train
         if self.run.is_run_dir():
-            check_same_model(load_config(self.run.config), self.config, self.run)
+            saved = load_config(self.run.config)
+            changed = check_resumable(
+                saved, self.config, self.run.fixed_sections(saved.tokenizer.joint), self.run.config
+            )
+            if changed:
+                log.info("continuing with changed settings: %s", ", ".join(changed))
         if self.world.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run.config)
             self.run.remove_partial_writes()
         random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.tokenizer, self.corpus, self.valid = self._prepare_data()
+        self.tokenizer, self.corpus, self.valid = prepare_run_data(
+            self.config, self.run, self.world.is_main, lambda: barrier(self.world)
+        )
         release_free_heap()  # what SentencePiece training and corpus encoding freed
         tok = self.tokenizer
         self.model = build_model(self.config.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.joint).to(self.device)
@@ -180,30 +103,6 @@ class TrainingRun:
         self.trainer: Trainer = make_trainer(self.model, t, self.device, self.world)
         self.fingerprint = tok.fingerprint()
         self.vocab = [tok.src_vocab_size, tok.tgt_vocab_size]
-
-    def _prepare_data(self) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus]:
-        """Tokenizer and encoded train/valid corpora of the run directory; rank 0 makes them, others wait."""
-        d, cache = self.config.data, self.run.cache
-        train_files = corpus_files(d.dir, d.train, d.src, d.tgt)
-        valid_files = corpus_files(d.dir, d.valid, d.src, d.tgt)
-        for src_path, tgt_path in (train_files, valid_files):
-            if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
-                raise DataError(f"{src_path}: no sentence pairs")
-        if self.world.is_main:
-            tokenizer = prepare_tokenizer(self.run, self.config.tokenizer, *train_files, errors=d.errors)
-            train = prepare_corpus(cache, d.train, *train_files, tokenizer, d.max_length, d.max_length_ratio, d.errors)
-            # validation pairs must fit the model's positions; their references are kept as text
-            limit = self.config.model.max_positions
-            valid = prepare_corpus(cache, d.valid, *valid_files, tokenizer, limit, 0.0, d.errors, texts=True)
-        barrier(self.world)
-        if not self.world.is_main:
-            tokenizer = load_tokenizer(self.run, self.config.tokenizer.joint)
-            train, valid = EncodedCorpus(cache, d.train), EncodedCorpus(cache, d.valid)
-        if len(train) == 0:
-            raise DataError(f"{train_files[0]}: no pairs within data.max_length={d.max_length} pieces")
-        if len(valid) == 0:
-            raise DataError(f"{valid_files[0]}: no pairs within model.max_positions={self.config.model.max_positions}")
-        return tokenizer, train, valid
 
     def restore(self) -> bool:
         """Continue from the newest step checkpoint, if any; the loaded copy is freed once restored."""
@@ -215,7 +114,7 @@ class TrainingRun:
             raise CheckpointError(f"{path}: trained with another tokenizer than the one in {self.run}")
         self.model.load_state_dict(checkpoint.model)
         self.trainer.load_state_dict(checkpoint.trainer)
-        self.progress = Progress(**checkpoint.progress)
+        self.progress = checkpoint.progress
         if len(checkpoint.rng) == self.world.size:
             set_rng_state(checkpoint.rng[self.world.rank])
         else:
@@ -428,7 +327,7 @@ class TrainingRun:
         if self.world.is_main:
             state = self.trainer.state_dict()
             record = StepCheckpoint(
-                self.model.state_dict(), state, asdict(p), rng, self.fingerprint, self.vocab, self.world.size
+                self.model.state_dict(), state, p, rng, self.fingerprint, self.vocab, self.world.size
             )
             save_checkpoint(path, record)
             self.run.prune_checkpoints(self.config.train.keep_checkpoints)
@@ -493,33 +392,12 @@ class TrainingRun:
             )
 
     def write_card(self) -> None:
-        """Test scores (when the corpus has a test split) and the model card, from what the run knows."""
-        p, t = self.progress, self.config.train
-        try:
-            test = test_scores(self.run.path, self.config, str(self.device)) if t.score_test else None
-        except MTError as exc:  # the model is trained and saved; a bad test split must not fail the run
-            log.warning("no test scores for the model card: %s", exc)
-            test = None
+        """Test scores (when asked for and the corpus has a test split) and the model card."""
+        p = self.progress
+        facts = CardFacts(
+            p.step, p.epoch, p.elapsed, self.world.size, count_parameters(self.model),
+            p.best_step if p.best_step >= 0 else None, p.best_scores,
+        )  # fmt: skip
+        test = card_after_training(self.run, self.config, self.device, facts)
         if test:
             self.metrics.write(step=p.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])
-            log.info(
-                "%s: BLEU %.2f chrF %.2f with %s (%s)",
-                test["file"],
-                test["bleu"],
-                test["chrf"],
-                test["checkpoint"],
-                test["bleu_signature"],
-            )
-        facts = CardFacts(
-            p.step,
-            p.epoch,
-            p.elapsed,
-            self.world.size,
-            count_parameters(self.model),
-            p.best_step if p.best_step >= 0 else None,
-            p.best_scores,
-        )
-        if p.best_step < 0 and self.run.best.is_file():  # resumed from a version that did not record it
-            on_disk = facts_from_files(self.run)
-            facts.best_step, facts.best_scores = on_disk.best_step, on_disk.best_scores
-        log.info("model card: %s", write_model_card(self.run.path, self.device, facts, test))

@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from mt.config import load_config
+from mt.data import read_lines
 from mt.decoding import DecodeOptions, Engine, TorchEngine, decode, open_engine
 from mt.errors import DataError, MTError
+from mt.progress import progress_bar
 from mt.run_dir import model_dir
 from mt.search import Hypothesis
 from mt.tokenizer import load_tokenizer
@@ -96,6 +98,18 @@ class Translator:
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
         return results
+
+
+def translate_file(translator: Translator, path: Path, options: DecodeOptions | None = None) -> list[str]:
+    """The best translation of each line of a text file (plain or .gz), with a progress bar."""
+    lines = read_lines(path)
+    bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
+    translations = []
+    for found in translator.translate(lines, options):
+        translations.append(found[0].text)
+        bar.update()
+    bar.close()
+    return translations
 
 
 _LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+")

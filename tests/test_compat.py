@@ -43,7 +43,7 @@ def test_a_0_1_0_run_directory_resumes_and_keeps_its_history(old_run):
     assert "continuing from step00000120.pt (step 120" in result.stderr
     assert "finished after 130 steps" in result.stderr
     new = load_step_checkpoint(RunDir(old_run / "run").step_checkpoints()[-1])
-    assert new.progress["step"] == 130 and new.tokenizer == old.tokenizer and new.vocab == old.vocab
+    assert new.progress.step == 130 and new.tokenizer == old.tokenizer and new.vocab == old.vocab
     records = [json.loads(line) for line in (old_run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records if "event" in r] == ["start", "resume"]
     card = (old_run / "run" / "README.md").read_text()

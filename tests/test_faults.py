@@ -14,8 +14,7 @@ import torch
 from conftest import run_mt, tiny_model, write_reversal_corpus
 
 from mt.config import TrainConfig
-from mt.run_dir import RunDir, StepCheckpoint, Weights, average_weights, load_state, save_checkpoint
-from mt.train import Progress
+from mt.run_dir import Progress, RunDir, StepCheckpoint, Weights, average_weights, load_state, save_checkpoint
 from mt.trainer import make_trainer
 
 
@@ -100,7 +99,7 @@ def test_sigint_saves_a_checkpoint_and_exits_zero_and_a_diverging_resume_stops_c
     assert "stopped by SIGINT at step" in stderr and "--resume" in stderr
     path, state = RunDir(tmp_path / "run").latest_checkpoint()
     assert f"checkpoint {path}" in stderr
-    assert state.progress["step"] >= 10 and state.trainer and len(state.rng) == 1
+    assert state.progress.step >= 10 and state.trainer and len(state.rng) == 1
 
     # weights gone to NaN (as after a divergence): every update is skipped, then the run stops
     state.model = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state.model.items()}
@@ -109,7 +108,7 @@ def test_sigint_saves_a_checkpoint_and_exits_zero_and_a_diverging_resume_stops_c
     result = run_mt("train", str(tmp_path / "run"), "--resume", "--set", "train.max_bad_steps=3", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "update skipped (1 in a row)" in result.stderr
-    assert f"3 updates in a row had a non-finite loss or gradient (after step {state.progress['step']})" in (
+    assert f"3 updates in a row had a non-finite loss or gradient (after step {state.progress.step})" in (
         result.stderr
     )
     assert f"Last good checkpoint: {path}" in result.stderr
@@ -156,11 +155,11 @@ def test_checkpoints_are_pruned_and_averaged(tmp_path):
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     for step in (10, 20):
-        save_checkpoint(step_checkpoint(tmp_path, step), StepCheckpoint({}, {}, {"step": step}, [], "t", [5, 5]))
+        save_checkpoint(step_checkpoint(tmp_path, step), StepCheckpoint({}, {}, Progress(step=step), [], "t", [5, 5]))
     data = step_checkpoint(tmp_path, 20).read_bytes()
     step_checkpoint(tmp_path, 20).write_bytes(data[: len(data) // 2])
     path, state = RunDir(tmp_path).latest_checkpoint()
-    assert state.progress["step"] == 10 and "corrupt or truncated" in caplog.text
+    assert state.progress.step == 10 and "corrupt or truncated" in caplog.text
 
 
 def test_average_command(tmp_path):

@@ -44,7 +44,7 @@ def test_max_steps_with_valid_every_validates_every_n_steps_and_at_the_end(make_
     assert len(run.epoch_batches(1)) > 10  # no epoch end (which validates too) before step 10
     assert run.train() == "max_steps"
     assert run.progress.step == 10 and _validated_steps(run) == [3, 6, 9, 10]
-    assert load_step_checkpoint(RunDir(run.run).step_checkpoints()[-1]).progress["step"] == 10
+    assert load_step_checkpoint(RunDir(run.run).step_checkpoints()[-1]).progress.step == 10
 
 
 def test_max_epochs_validates_at_each_epoch_end(make_run):
