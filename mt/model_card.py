@@ -25,7 +25,7 @@ from mt.data import corpus_files, read_lines
 from mt.errors import DataError, MTError
 from mt.evaluate import corpus_scores
 from mt.files import atomic_write_text
-from mt.run_dir import RunDir, load_state, load_weights
+from mt.run_dir import RunDir, load_step_checkpoint, load_weights
 from mt.search import search_name
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,9 @@ def facts_from_files(run: RunDir) -> CardFacts:
     facts = CardFacts()
     steps = run.step_checkpoints()
     if steps:
-        newest = load_state(steps[-1])
-        progress = newest.get("progress", {})
-        facts.steps, facts.epochs = progress.get("step"), progress.get("epoch")
-        facts.elapsed, facts.world_size = progress.get("elapsed", 0.0), newest.get("world_size", 1)
+        newest = load_step_checkpoint(steps[-1])
+        facts.steps, facts.epochs, facts.elapsed = newest.progress.step, newest.progress.epoch, newest.progress.elapsed
+        facts.world_size = newest.world_size
     if run.best.is_file():
         best = load_weights(run.best)
         facts.parameters, facts.best_step, facts.best_scores = best.parameter_count(), best.step, best.scores

@@ -156,6 +156,7 @@ class TrainingRun:
             event=event, step=p.step, world_size=world.size, device=str(self.device), precision=t.precision
         )
         self.start = self.session_start - p.elapsed  # and the training time of earlier sessions of the run
+        self.window_start = time.monotonic()  # throughput counts training only, not the preparation
         with self.signals:
             reason = self.stop_reason(self.agree())
             while reason is None:

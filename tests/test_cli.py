@@ -378,6 +378,16 @@ def test_ctranslate2_float32_greedy_equals_ours_token_for_token(trained, tmp_pat
     int8 = run_mt("translate", str(tmp_path / "int8"), "--beam", "3", stdin=source).stdout
     assert int8.count("\n") == 100
     assert "exists; use --force" in _error("export", str(trained / "run"), "-o", str(tmp_path / "f32"))
+    # both engines behind the one decoding path: same hypotheses, scores and log-probabilities
+    engines = [Translator(path, device="cpu") for path in (trained / "run", tmp_path / "f32")]
+    sources = engines[0].tokenizer.encode_src(source.splitlines()[:20])
+    for penalty in (0.0, 1.0):
+        options = engines[0].options(beam=1, length_penalty=penalty)
+        ours, theirs = (engine.translate_ids(sources, options) for engine in engines)
+        for a, b in zip(ours, theirs):
+            assert a[0].tokens == b[0].tokens
+            assert a[0].score == pytest.approx(b[0].score, abs=1e-3)
+            assert a[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-3)
 
 
 def test_ctranslate2_export_of_a_rotary_model_decodes_like_ours(trained, tmp_path):
