@@ -45,9 +45,10 @@ def train(config: Config, resume: bool = False) -> Path:
     world, device = init_world(config.train.device)
     try:
         run = TrainingRun(config, world, device)
-        run.prepare()
-        if not run.restore() and resume:
+        if resume and not run.run.step_checkpoints():  # before any data preparation or file written
             raise CheckpointError(f"{run.run}: no checkpoint to resume from (train without --resume to start the run)")
+        run.prepare()
+        run.restore()
         run.train()
         return run.run.path
     finally:

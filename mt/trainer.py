@@ -101,7 +101,7 @@ class Trainer:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
         local = [counts.target_tokens, counts.source_tokens, counts.padded_tokens, *votes()]
         measured = torch.stack([loss_sum.float(), norm.float()]).double()
-        values = torch.cat([measured, torch.tensor(local, dtype=torch.float64).to(self.device, non_blocking=True)])
+        values = torch.cat([measured, torch.tensor(local, dtype=torch.float64).to(self.device)])
         total_loss, grad_norm, targets, sources, padded, *stop_votes = sum_over_ranks(self.world, values).tolist()
         grad_norm /= self.world.size
         stats = StepStats(total_loss, int(targets), int(sources), int(padded))
