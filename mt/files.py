@@ -37,3 +37,41 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+class FileLock:
+    """An exclusive advisory lock (flock) on `path`, held until `release` or the process ends.
+
+    The kernel drops it when the process dies, even by SIGKILL, so a crash never leaves a stale
+    lock behind. The file holds the holder's pid, for the message a second process gets.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.handle = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise BlockingIOError naming the holder's pid when another process has it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): no advisory locks; nothing to hold
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise BlockingIOError(f"held by process {holder}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the descriptor drops the flock
+            self.handle = None

@@ -6,6 +6,7 @@
     RUN_DIR/best.pt                        the weights with the best validation BLEU, for translation
     RUN_DIR/metrics.jsonl, README.md       metrics log and model card
     RUN_DIR/cache/                         encoded corpora (mt.corpus_cache)
+    RUN_DIR/.training.lock                 held by the one `mt train` that trains the run (its pid)
 
 A CTranslate2 export (`mt export`) holds config.yaml, the SentencePiece model(s), CTranslate2's
 model.bin and mt_export.json. Checkpoints load with `weights_only=True`: a model file can never
@@ -40,6 +41,7 @@ CACHE_DIR = "cache"
 CHECKPOINT_DIR = "checkpoints"
 JOINT_SPM, SRC_SPM, TGT_SPM = "spm.model", "spm.src.model", "spm.tgt.model"
 EXPORT_INFO, CT2_MODEL = "mt_export.json", "model.bin"
+TRAINING_LOCK = ".training.lock"
 _STEP_FILE = re.compile(r"^step(\d+)\.pt$")
 _VALID_SCORES = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
 
@@ -227,6 +229,7 @@ class RunDir:
         self.card = self.path / CARD
         self.cache = self.path / CACHE_DIR
         self.export_info = self.path / EXPORT_INFO
+        self.training_lock = self.path / TRAINING_LOCK
 
     def __str__(self) -> str:
         return str(self.path)

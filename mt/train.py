@@ -23,6 +23,7 @@ from mt.corpus_cache import prepare_run_data
 from mt.device import release_free_heap
 from mt.distributed import World, barrier, check_replicas, gather_objects, init_world, shutdown, sum_values
 from mt.errors import CheckpointError, ConfigError, TrainingError
+from mt.files import FileLock
 from mt.model import build_model, count_parameters
 from mt.model_card import CardFacts, card_after_training
 from mt.optim import inverse_sqrt_lr
@@ -45,11 +46,15 @@ def train(config: Config, resume: bool = False) -> Path:
     world, device = init_world(config.train.device)
     try:
         run = TrainingRun(config, world, device)
-        if resume and not run.run.step_checkpoints():  # before any data preparation or file written
-            raise CheckpointError(f"{run.run}: no checkpoint to resume from (train without --resume to start the run)")
-        run.prepare()
-        run.restore()
-        run.train()
+        run.lock()
+        try:
+            if resume and not run.run.step_checkpoints():  # before any data preparation or file written
+                raise CheckpointError(f"{run.run}: no checkpoint to resume from (train without --resume to start it)")
+            run.prepare()
+            run.restore()
+            run.train()
+        finally:
+            run.unlock()
         return run.run.path
     finally:
         shutdown(world)
@@ -64,6 +69,7 @@ class TrainingRun:
             raise ConfigError("train: set at least one of max_epochs, max_steps, max_time")
         self.config, self.world, self.device = config, world, device
         self.run = RunDir(t.run_dir)
+        self.training_lock = FileLock(self.run.training_lock)
         self.budget = parse_duration(t.max_time) if t.max_time else math.inf
         self.session_start = time.monotonic()  # the budget counts data preparation too
         self.start = self.session_start  # minus the training time of earlier sessions, once restored
@@ -77,6 +83,20 @@ class TrainingRun:
         self.metrics = MetricsLog(None)
 
     # -- prepare and restore -------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the run directory's lock (rank 0, for the whole job): a second trainer of it refuses to start."""
+        if self.world.is_main:
+            try:
+                self.training_lock.acquire()
+            except BlockingIOError as exc:
+                raise CheckpointError(
+                    f"{self.run}: another `mt train` is training this run directory ({exc}); "
+                    "wait for it to finish or stop it, or use another train.run_dir"
+                ) from None
+
+    def unlock(self) -> None:
+        self.training_lock.release()
 
     def prepare(self) -> None:
         """Run directory, tokenizer, encoded corpora, model and optimizer (no checkpoint is read yet)."""
@@ -247,31 +267,15 @@ class TrainingRun:
 
     def log(self, epoch: int, bar) -> None:
         """The metrics line of the updates since the last one (already summed over ranks by each update)."""
-        p, t, w = self.progress, self.config.train, self.window
-        seconds = time.monotonic() - self.window_start - self.paused_seconds
+        p, t = self.progress, self.config.train
         lr = inverse_sqrt_lr(p.step, t.lr, t.warmup_steps)
-        real = w.target_tokens + w.source_tokens
-        record = {
-            "step": p.step,
-            "epoch": epoch,
-            "loss": w.loss_sum / w.target_tokens,
-            "lr": lr,
-            "tgt_tokens_per_s": w.target_tokens / seconds,
-            "tokens_per_s": real / seconds,
-            "padding": 1 - real / max(1, w.padded_tokens),
-            "elapsed": time.monotonic() - self.start,
-        }
+        rates = self.window.rates(time.monotonic() - self.window_start - self.paused_seconds)
+        record = {"step": p.step, "epoch": epoch, "lr": lr, **rates, "elapsed": time.monotonic() - self.start}
         self.metrics.write(**record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
+        loss, speed = record["loss"], record["tgt_tokens_per_s"]
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
         if bar.disable and self.world.is_main:  # no progress bar (stderr is not a terminal): log lines
-            log.info(
-                "epoch %d step %d loss %.3f lr %.2e %.0f tgt tok/s",
-                epoch,
-                p.step,
-                record["loss"],
-                lr,
-                record["tgt_tokens_per_s"],
-            )
+            log.info("epoch %d step %d loss %.3f lr %.2e %.0f tgt tok/s", epoch, p.step, loss, lr, speed)
         self.window, self.window_start, self.paused_seconds = StepStats(0.0, 0, 0, 0), time.monotonic(), 0.0
         self.corpus.release_pages()
         release_free_heap()

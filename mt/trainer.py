@@ -48,6 +48,16 @@ class StepStats:
         self.source_tokens += other.source_tokens
         self.padded_tokens += other.padded_tokens
 
+    def rates(self, seconds: float) -> dict[str, float]:
+        """Mean loss per target token, throughput over `seconds`, and the share of padding."""
+        real = self.target_tokens + self.source_tokens
+        return {
+            "loss": self.loss_sum / self.target_tokens,
+            "tgt_tokens_per_s": self.target_tokens / seconds,
+            "tokens_per_s": real / seconds,
+            "padding": 1 - real / max(1, self.padded_tokens),
+        }
+
 
 def batch_counts(batch: Batch) -> StepStats:
     src, _, tgt_out = batch

@@ -108,9 +108,7 @@ def test_sigint_saves_a_checkpoint_and_exits_zero_and_a_diverging_resume_stops_c
     result = run_mt("train", str(tmp_path / "run"), "--resume", "--set", "train.max_bad_steps=3", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "update skipped (1 in a row)" in result.stderr
-    assert f"3 updates in a row had a non-finite loss or gradient (after step {state.progress.step})" in (
-        result.stderr
-    )
+    assert f"3 updates in a row had a non-finite loss or gradient (after step {state.progress.step})" in (result.stderr)
     assert f"Last good checkpoint: {path}" in result.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
@@ -195,3 +193,17 @@ def test_validation_bleu_can_use_beam_search(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "beam" / "metrics.jsonl").read_text().splitlines()]
     assert any("valid_bleu" in r for r in records)
     assert "| valid (first 10 sentences) | beam 3 |" in (tmp_path / "beam" / "README.md").read_text()
+
+
+def test_a_second_trainer_of_a_run_directory_refuses_and_a_killed_ones_lock_is_gone(tmp_path):
+    config = _config(tmp_path, "run", 100_000)
+    first = _start("train", str(config))
+    _wait_for(step_checkpoint(tmp_path / "run", 10), first)
+    second = run_mt("train", str(config), check=False)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"another `mt train` is training this run directory (held by process {first.pid})" in second.stderr
+    first.send_signal(signal.SIGKILL)  # the kernel drops its lock: no stale lock after a crash
+    first.wait()
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    resumed = run_mt("train", str(config), "--max-steps", str(int(newest.stem[4:]) + 2))
+    assert f"continuing from {newest.name}" in resumed.stderr
