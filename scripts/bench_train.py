@@ -124,7 +124,7 @@ def measure(args, run: TrainingRun, device: torch.device) -> None:
     print(f"padding waste            {1 - real / totals['padded']:.1%} of batch positions")
     print(f"tokens/s (src+tgt)       {real / seconds:,.0f}")
     print(f"target tokens/s          {totals['tgt'] / seconds:,.0f}")
-    print(f"peak RSS                 {peak_rss_mb():,.0f} MB (after data preparation: {preparation_rss:,.0f} MB)")
+    print(f"peak RSS                 {peak_rss_mb():,.0f} MB (before the first update: {preparation_rss:,.0f} MB)")
     if device.type == "cuda":
         print(f"peak CUDA memory         {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB")
     print(f"matmul peak (measured)   {peak:,.0f} GFLOP/s fp32")
