@@ -315,6 +315,7 @@ def attention(
         None, help="Checkpoint in the run directory or a path (default: decode.checkpoint of its config, best.pt)."
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+    force: bool = typer.Option(False, help="Replace the PNG if it exists."),
 ) -> None:
     """Translate a sentence and draw the cross-attention (output pieces x source pieces) as a heatmap.
 
@@ -324,9 +325,11 @@ def attention(
     from mt.plots import plot_layer_attention
     from mt.translate import Translator
 
+    out = out or run_dir / "attention.png"
+    if out.exists() and not force:
+        raise MTError(f"{out}: exists; use --force to replace it")
     translator = Translator(run_dir, checkpoint, device, engine="torch")
     weights, src_pieces, tgt_pieces, text = translator.attention(sentence, translator.options(beam=beam))
-    out = out or run_dir / "attention.png"
     written = plot_layer_attention(weights, src_pieces, tgt_pieces, text, out, layer, head, all_heads)
     typer.echo(text)
     log.info("wrote %s", written)
@@ -370,6 +373,7 @@ def evaluate(
     beam: int | None = typer.Option(None, help="Beam size when translating (default from the model's config)."),
     checkpoint: str | None = typer.Option(None, help="Checkpoint when translating (default: decode.checkpoint)."),
     output: Path | None = typer.Option(None, help="Also write the translations of --src here."),
+    force: bool = typer.Option(False, help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
 ) -> None:
@@ -385,6 +389,8 @@ def evaluate(
 
     if paired_bs and samples < 1:
         raise MTError("--samples must be at least 1")
+    if output is not None and output.exists() and not force:
+        raise MTError(f"{output}: exists; use --force to replace it")
     if hyp:
         if run_dir is not None or src is not None:
             raise MTError("give either --hyp or RUN_DIR with --src, not both")

@@ -174,8 +174,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def _validate(config: Config) -> None:
     m, t, d = config.model, config.train, config.decode
     checks = [
-        (m.d_model % m.heads == 0, "model.d_model must be divisible by model.heads"),
-        (min(m.encoder_layers, m.decoder_layers, m.heads, m.ffn_dim) > 0, "model sizes must be positive"),
+        (min(m.encoder_layers, m.decoder_layers, m.heads, m.ffn_dim, m.d_model) > 0, "model sizes must be positive"),
+        (m.heads > 0 and m.d_model % m.heads == 0, "model.d_model must be divisible by model.heads"),
+        (m.position != "sinusoidal" or m.d_model % 2 == 0, "model.d_model must be even for sinusoidal positions"),
+        (
+            m.position != "rope" or m.heads <= 0 or (m.d_model // m.heads) % 2 == 0,
+            "rotary positions need an even head size (model.d_model / model.heads)",
+        ),
+        (m.max_positions >= 2, "model.max_positions must be at least 2"),
         (
             all(0 <= p < 1 for p in (m.dropout, m.attention_dropout, m.activation_dropout)),
             "model dropouts must be in [0, 1)",
@@ -193,6 +199,9 @@ def _validate(config: Config) -> None:
         (config.data.max_length > 0, "data.max_length must be positive"),
         (config.data.max_length_ratio >= 0, "data.max_length_ratio must be >= 0 (0 disables the filter)"),
         (d.beam >= 1, "decode.beam must be at least 1"),
+        (d.no_repeat_ngram >= 0, "decode.no_repeat_ngram must be >= 0 (0 allows repeats)"),
+        (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be at least 1"),
+        (t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs must be at least 1"),
         (d.max_tokens > 0, "decode.max_tokens must be positive"),
     ]
     for ok, message in checks:
@@ -237,6 +246,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for text in overrides:

@@ -221,7 +221,9 @@ def prepare_run_data(
             raise DataError(f"{src_path}: no sentence pairs")
     if main:
         tokenizer = prepare_tokenizer(run, config.tokenizer, *train_files, errors=d.errors)
-        train = prepare_corpus(cache, d.train, *train_files, tokenizer, d.max_length, d.max_length_ratio, d.errors)
+        # a pair must also fit the model's positions (with BOS/EOS), whatever data.max_length says
+        longest = min(d.max_length, config.model.max_positions)
+        train = prepare_corpus(cache, d.train, *train_files, tokenizer, longest, d.max_length_ratio, d.errors)
         # validation pairs must fit the model's positions; their references are kept as text
         limit = config.model.max_positions
         valid = prepare_corpus(cache, d.valid, *valid_files, tokenizer, limit, 0.0, d.errors, texts=True)
@@ -230,7 +232,10 @@ def prepare_run_data(
         tokenizer = load_tokenizer(run, config.tokenizer.joint)
         train, valid = EncodedCorpus(cache, d.train), EncodedCorpus(cache, d.valid)
     if len(train) == 0:
-        raise DataError(f"{train_files[0]}: no pairs within data.max_length={d.max_length} pieces")
+        raise DataError(
+            f"{train_files[0]}: no pairs shorter than data.max_length={d.max_length} "
+            f"and model.max_positions={config.model.max_positions} pieces"
+        )
     if len(valid) == 0:
         raise DataError(f"{valid_files[0]}: no pairs within model.max_positions={config.model.max_positions}")
     return tokenizer, train, valid

@@ -149,6 +149,7 @@ class CTranslate2Engine:
         self.max_positions = config.model.max_positions
         self.max_source = self.max_positions - 1
         self.src_pieces = [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)]
+        self.vocab_size = tokenizer.tgt_vocab_size
         self.piece_id = tokenizer.tgt.piece_to_id
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -258,6 +259,8 @@ def import_files(
     force: bool = False,
 ) -> dict[str, SplitReport]:
     """Import a local parallel corpus: two line-aligned files (plain or .gz) or one TSV file."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split) or ".." in split:
+        raise DataError(f"--split {split!r}: use a plain name such as train, valid or test (letters, digits, _ . -)")
     if tsv is not None:
         if src is not None or tgt is not None:
             raise DataError("give either --tsv or --src/--tgt, not both")

@@ -49,6 +49,8 @@ class DecodeOptions:
         options = replace(options, **{name: value for name, value in changes.items() if value is not None})
         if options.beam < 1:
             raise MTError("the beam size must be at least 1")
+        if options.no_repeat_ngram < 0:
+            raise MTError(f"no_repeat_ngram {options.no_repeat_ngram}: must be >= 0 (0 allows repeats)")
         if not 1 <= options.nbest <= options.beam:
             raise MTError(f"nbest {options.nbest}: must be between 1 and the beam size ({options.beam})")
         return options
@@ -64,6 +66,7 @@ class Engine(Protocol):
 
     device: torch.device
     max_source: int  # source pieces (without EOS) the model reads
+    vocab_size: int  # target pieces
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
         """Sources no longer than `max_source` -> per source its `options.nbest` hypotheses, in order."""
@@ -76,6 +79,7 @@ class TorchEngine:
     def __init__(self, model: Transformer, device: torch.device):
         self.model, self.device = model.eval(), device
         self.max_source = model.max_positions - 1
+        self.vocab_size = model.output_weight.size(0)
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
         lengths = [len(s) + 1 for s in sources]
@@ -99,6 +103,8 @@ def decode(engine: Engine, sources: list[list[int]], options: DecodeOptions) -> 
 
     A source longer than the engine reads is cut to that length, with a warning.
     """
+    if options.beam > engine.vocab_size - 2:  # PAD and BOS are never chosen
+        raise MTError(f"beam {options.beam}: larger than the model's {engine.vocab_size - 2} choosable pieces")
     limit = engine.max_source
     for ids in sources:
         if len(ids) > limit:

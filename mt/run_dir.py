@@ -161,7 +161,8 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
             f"{path}: refused to load: not a plain weights file (loading it would run code it contains)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        reason = str(exc).splitlines()[0].split(". ")[0]  # torch appends paragraphs of advice
+        lines = str(exc).splitlines()
+        reason = lines[0].split(". ")[0] if lines else "empty file" if path.stat().st_size == 0 else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not an mt checkpoint (no model weights)")
@@ -193,7 +194,10 @@ def average_weights(paths: list[Path]) -> Weights:
     newest: Weights | None = None
     for path in paths:
         weights = load_weights(path)
-        if newest is not None and weights.model.keys() != total.keys():
+        if newest is not None and (
+            weights.model.keys() != total.keys()
+            or any(tensor.shape != total[name].shape for name, tensor in weights.model.items())
+        ):
             raise CheckpointError(f"{path}: its weights do not match those of {paths[0]} (another model?)")
         if newest is not None and weights.tokenizer != newest.tokenizer:
             raise CheckpointError(f"{path}: trained with another tokenizer than {paths[0]}")

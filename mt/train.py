@@ -133,7 +133,13 @@ class TrainingRun:
         path, checkpoint = latest
         if checkpoint.tokenizer != self.fingerprint or checkpoint.vocab != self.vocab:
             raise CheckpointError(f"{path}: trained with another tokenizer than the one in {self.run}")
-        self.model.load_state_dict(checkpoint.model)
+        try:
+            self.model.load_state_dict(checkpoint.model)
+        except RuntimeError as exc:  # e.g. config.yaml's model section edited by hand
+            first = str(exc).splitlines()[1:2] or str(exc).splitlines()[:1]
+            raise CheckpointError(
+                f"{path}: its weights do not fit the model of {self.run.config} ({first[0].strip()})"
+            ) from None
         self.trainer.load_state_dict(checkpoint.trainer)
         self.progress = checkpoint.progress
         if len(checkpoint.rng) == self.world.size:

@@ -93,7 +93,8 @@ class Translator:
     def _translate_chunk(self, chunk: list[str], options: DecodeOptions) -> list[list[Translation]]:
         wanted = [i for i, line in enumerate(chunk) if line.strip()]
         sources = self.tokenizer.encode_src([chunk[i].strip() for i in wanted])
-        results: list[list[Translation]] = [[Translation("", 0.0)] for _ in chunk]
+        blank = [Translation("", 0.0)] * options.nbest  # n-best output has nbest lines for every input line
+        results: list[list[Translation]] = [list(blank) for _ in chunk]
         for i, hyps in zip(wanted, self.translate_ids(sources, options)):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
