@@ -22,16 +22,24 @@ _options = {"debug": False}
 
 
 class _Commands(typer.core.TyperGroup):
-    """Every command's MTError becomes one line `mt: error: ...` and exit code 2 (`--debug`: the traceback)."""
+    """Every command's MTError, and an operating-system error (disk full, read-only, a file where a
+    directory belongs), becomes one line `mt: error: ...` and exit code 2 (`--debug`: the traceback)."""
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except MTError as exc:
-            if _options["debug"]:
+        except (MTError, OSError) as exc:
+            if _options["debug"] or isinstance(exc, BrokenPipeError):
                 raise
-            typer.echo(f"mt: error: {exc}", err=True)
+            typer.echo(f"mt: error: {_one_line(exc)}", err=True)
             ctx.exit(2)
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror.lower()}" + (f" ({exc.filename2})" if exc.filename2 else "")
+    return str(exc)
 
 
 app = typer.Typer(

@@ -97,3 +97,12 @@ def test_outputs_and_split_names_never_escape_or_overwrite(old_run):
     evil = ["data", "import", "--src", "data/test.src", "--tgt", "data/test.tgt", "--pair", "de-en"]
     assert "--split '../../evil': use a plain name" in _error(*evil, "--out", "c", "--split", "../../evil", cwd=old_run)
     assert not (old_run.parent / "evil.de").exists()
+
+
+def test_operating_system_errors_are_one_line_naming_the_path(old_run):
+    (old_run / "a_file").write_text("not a directory\n")
+    message = _error("train", "run/config.yaml", "--set", "train.run_dir=a_file/run", "--max-steps", "1", cwd=old_run)
+    assert "a_file" in message and "not a directory" in message
+    assert (old_run / "a_file").read_text() == "not a directory\n"
+    evil = ["data", "import", "--src", "data/test.src", "--tgt", "data/test.tgt", "--pair", "de-en"]
+    assert "a_file" in _error(*evil, "--out", "a_file", cwd=old_run)
