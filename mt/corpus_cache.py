@@ -12,6 +12,7 @@ Resident memory stays at a few bytes per pair however large the corpus: the ids 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -166,12 +167,17 @@ def prepare_corpus(
     key = _cache_key(src_path, tgt_path, tokenizer, max_length, max_length_ratio, errors, texts)
     if meta_path.is_file():
         try:
-            if json.loads(meta_path.read_text()).get("key") == key:
-                log.info("%s: reusing the encoded %s corpus (same files and tokenizer)", cache_dir, split)
-                return EncodedCorpus(cache_dir, split)
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key:
+                problem = _damage(cache_dir, split, meta)
+                if problem is None:
+                    log.info("%s: reusing the encoded %s corpus (same files and tokenizer)", cache_dir, split)
+                    return EncodedCorpus(cache_dir, split)
+                log.warning("%s: the encoded %s corpus is damaged (%s); encoding it again", cache_dir, split, problem)
+            else:
+                log.info("%s: the %s corpus or tokenizer changed; encoding it again", cache_dir, split)
         except (OSError, ValueError):
-            pass  # unreadable: encode again
-        log.info("%s: the %s corpus or tokenizer changed; encoding it again", cache_dir, split)
+            log.info("%s: the %s cache record is unreadable; encoding it again", cache_dir, split)
         meta_path.unlink()
     largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
@@ -201,11 +207,48 @@ def prepare_corpus(
         "pairs": len(lengths),
         "skipped_too_long": encoding.too_long,
         "skipped_length_ratio": encoding.bad_ratio,
+        "sample_sha256": _sample_digest(cache_dir, split),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     pieces = (int(lengths[:, 0].sum()), int(lengths[:, 1].sum()))
     log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, len(lengths), split, *pieces)
     return EncodedCorpus(cache_dir, split)
+
+
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # blocks hashed to check a cache: cheap however large the corpus
+
+
+def _sample_digest(cache_dir: Path, split: str) -> str:
+    """sha256 of the id files' sizes and of SAMPLES evenly spaced blocks of each (first and last included)."""
+    digest = hashlib.sha256()
+    for path in (cache_dir / f"{split}.src.bin", cache_dir / f"{split}.tgt.bin", cache_dir / f"{split}.lengths.npy"):
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with open(path, "rb") as handle:
+            for offset in sorted({size * i // SAMPLES for i in range(SAMPLES)} | {max(0, size - SAMPLE_BYTES)}):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _damage(cache_dir: Path, split: str, meta: dict) -> str | None:
+    """Why the cached split cannot be reused as it is (sizes against its lengths, sampled checksum), or None."""
+    try:
+        lengths = np.load(cache_dir / f"{split}.lengths.npy")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for side, column in (("src", 0), ("tgt", 1)):
+            path = cache_dir / f"{split}.{side}.bin"
+            if path.stat().st_size != int(lengths[:, column].sum()) * itemsize:
+                return f"{path.name} has {path.stat().st_size} bytes, its lengths say otherwise"
+        if len(lengths) != meta.get("pairs", len(lengths)):
+            return f"{split}.lengths.npy holds {len(lengths)} pairs, not {meta['pairs']}"
+        if "sample_sha256" in meta and _sample_digest(cache_dir, split) != meta["sample_sha256"]:  # mt 0.1.0 kept none
+            return "checksum mismatch"
+        if meta["key"].get("texts") and not (cache_dir / f"{split}.tgt.txt").is_file():
+            return f"{split}.tgt.txt is missing"
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def prepare_run_data(

@@ -97,3 +97,23 @@ def test_pairs_with_a_wild_length_ratio_are_left_out_and_counted(tmp_path, caplo
         corpus = prepare_corpus(tmp_path / "cache", "train", *paths, tokenizer, None, max_length_ratio=9)
     assert len(corpus) == 3 and "left out 1 pairs with a length ratio over data.max_length_ratio=9" in caplog.text
     assert prepare_corpus(tmp_path / "all", "train", *paths, tokenizer, None, max_length_ratio=0).src_lengths.size == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same-size junk", "lengths gone"])
+def test_a_damaged_cache_is_encoded_again_not_reused(tmp_path, corpus_files, caplog, damage):
+    src_path, tgt_path, _, _ = corpus_files
+    tokenizer = prepare_tokenizer(tmp_path / "run", TokenizerConfig(vocab_size=60), src_path, tgt_path)
+    cache = tmp_path / "cache"
+    good = prepare_corpus(cache, "train", src_path, tgt_path, tokenizer, max_length=None)
+    expected = [good.src_sentence(i) for i in range(len(good))]
+    ids = cache / "train.src.bin"
+    if damage == "truncated":
+        ids.write_bytes(ids.read_bytes()[:-10])
+    elif damage == "same-size junk":
+        ids.write_bytes(bytes(len(ids.read_bytes())))
+    else:
+        (cache / "train.lengths.npy").unlink()
+    with caplog.at_level(logging.INFO):
+        again = prepare_corpus(cache, "train", src_path, tgt_path, tokenizer, max_length=None)
+    assert "is damaged" in caplog.text and "reusing" not in caplog.text
+    assert [again.src_sentence(i) for i in range(len(again))] == expected
