@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -62,8 +63,8 @@ def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
                 except UnicodeDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
                 yield text.rstrip("\r\n")
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a .gz file corrupt mid-stream
+        raise DataError(f"{path}: cannot read: {exc or type(exc).__name__}") from None
 
 
 def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
@@ -182,6 +183,9 @@ def _load_text_files(files: dict[str, str]) -> dict[str, list[str]]:
         raise DataError(f"cannot download: {exc}".splitlines()[0]) from None
     except (OSError, ConnectionError, ValueError) as exc:
         raise DataError(f"cannot load {', '.join(files.values())}: {exc}".splitlines()[0]) from None
+    except datasets.exceptions.DatasetGenerationError as exc:  # e.g. a .gz file corrupt mid-stream
+        cause = exc.__cause__ or exc
+        raise DataError(f"cannot read {', '.join(files.values())}: {cause or type(cause).__name__}") from None
     return {split: list(loaded[split]["text"]) for split in files}
 
 

@@ -128,3 +128,24 @@ def test_fetch_hub_dataset_with_translation_column(tmp_path):
     assert (tmp_path / "out" / "train.en").read_text().splitlines()[0] == "sentence 1"
     with pytest.raises(DataError, match="no language 'fr'"):
         data.fetch_hub(str(hub), "de-fr", out_dir=tmp_path / "out2")
+
+
+def _corrupt_gz(path, lines):
+    """A .gz file whose compressed stream breaks in the middle (bytes flipped after the header)."""
+    _gz(path, lines)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_gzip_file_corrupt_mid_stream_is_a_clean_error(tmp_path):
+    lines = [f"satz nummer {i} mit etwas text {i * 7919 % 1000}" for i in range(3000)]
+    _corrupt_gz(tmp_path / "bad.de.gz", lines)
+    _gz(tmp_path / "good.en.gz", lines)
+    with pytest.raises(DataError, match="bad.de.gz: cannot read"):
+        data.import_files(tmp_path / "out", "train", tmp_path / "bad.de.gz", tmp_path / "good.en.gz")
+    mirror = _mirror(tmp_path)
+    _corrupt_gz(mirror / "train.de.gz", lines)
+    with pytest.raises(DataError, match="cannot read"):
+        data.fetch_multi30k("de-en", tmp_path / "m30k", source=str(mirror))
