@@ -261,7 +261,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return config_from_dict(values)
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
+        # an error about a value given with --set is named by that override, not by the file
+        keys = set(re.findall(r"\b[a-z_]+\.[a-z_]+\b", str(exc)))
+        given = next((text for text in overrides if text.split("=", 1)[0].strip() in keys), None)
+        where = f"--set {given}: " if given else f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
 
 

@@ -53,6 +53,8 @@ def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
     Invalid UTF-8 raises DataError naming the line unless `errors="replace"`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a text file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -62,7 +64,7 @@ def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[str]:
                     text = raw.decode("utf-8", errors=errors)
                 except UnicodeDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
-                yield text.rstrip("\r\n")
+                yield (text.removeprefix("\ufeff") if number == 1 else text).rstrip("\r\n")  # no byte-order mark
     except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a .gz file corrupt mid-stream
         raise DataError(f"{path}: cannot read: {exc or type(exc).__name__}") from None
 

@@ -106,3 +106,30 @@ def test_operating_system_errors_are_one_line_naming_the_path(old_run):
     assert (old_run / "a_file").read_text() == "not a directory\n"
     evil = ["data", "import", "--src", "data/test.src", "--tgt", "data/test.tgt", "--pair", "de-en"]
     assert "a_file" in _error(*evil, "--out", "a_file", cwd=old_run)
+
+
+def test_import_drops_a_byte_order_mark_and_names_a_directory_given_as_a_file(old_run):
+    (old_run / "bom.de").write_bytes("\ufeffein satz\nnoch einer\n".encode())
+    (old_run / "bom.en").write_text("a sentence\none more\n")
+    run_mt("data", "import", "--src", "bom.de", "--tgt", "bom.en", "--out", "c", cwd=old_run)
+    assert (old_run / "c" / "train.de").read_text().startswith("ein satz\n")
+    assert "data: is a directory, not a text file" in _error(
+        "data", "import", "--src", "data", "--tgt", "bom.en", "--pair", "de-en", "--out", "d", cwd=old_run
+    )
+
+
+def test_a_bad_set_value_is_named_by_its_override_not_the_file(old_run):
+    message = _error("train", "run/config.yaml", "--set", "model.heads=3", cwd=old_run)
+    assert message == "mt: error: --set model.heads=3: model.d_model must be divisible by model.heads"
+
+
+def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path, recwarn):
+    import pickle
+
+    from mt.errors import CheckpointError
+    from mt.run_dir import load_state
+
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    with pytest.raises(CheckpointError):
+        load_state(tmp_path / "plain.pt")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
