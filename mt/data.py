@@ -17,10 +17,12 @@ from itertools import zip_longest
 from pathlib import Path
 
 from mt.errors import DataError
-from mt.files import atomic_write_text
+from mt.files import FileSet
 from mt.progress import bars_enabled
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"  # a corpus directory's record of its splits, languages, origins and checksums
 
 MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw"
 MULTI30K_SOURCE_ENV = "MT_MULTI30K_SOURCE"
@@ -126,7 +128,7 @@ def write_corpus(
     Existing split files are never overwritten unless `force` is set.
     """
     out = Path(out_dir)
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST
     manifest = {"src": src_lang, "tgt": tgt_lang, "splits": {}}
     if manifest_path.is_file():
         try:
@@ -143,22 +145,36 @@ def write_corpus(
             for lang in (src_lang, tgt_lang):
                 if (out / f"{split}.{lang}").exists():
                     raise DataError(f"{out / f'{split}.{lang}'} already exists (use --force to replace it)")
-    out.mkdir(parents=True, exist_ok=True)
-    reports = {}
-    for split, (src, tgt) in splits.items():
+    for split, (src, _) in splits.items():
         if not src:
             raise DataError(f"{source}: split {split!r} has no sentence pairs")
-        record = {"pairs": len(src), "dropped_empty": (dropped or {}).get(split, 0), "sha256": {}}
-        for lang, lines in ((src_lang, src), (tgt_lang, tgt)):
-            path = out / f"{split}.{lang}"
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
-            record["sha256"][lang] = file_sha256(path)
-        record["source"] = source
-        manifest["splits"][split] = record
-        reports[split] = SplitReport(record["pairs"], record["dropped_empty"])
-        if record["dropped_empty"]:
-            log.warning("%s: dropped %d pairs with an empty side", split, record["dropped_empty"])
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        reports = _write_splits(out, splits, src_lang, tgt_lang, source, dropped, manifest)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed import leaves no empty directory behind
+            out.rmdir()
+        raise
+    for split, report in reports.items():
+        if report.dropped_empty:
+            log.warning("%s: dropped %d pairs with an empty side", split, report.dropped_empty)
+    return reports
+
+
+def _write_splits(out, splits, src_lang, tgt_lang, source, dropped, manifest) -> dict[str, SplitReport]:
+    reports = {}
+    with FileSet() as files:  # every split file and the manifest, or none of them
+        for split, (src, tgt) in splits.items():
+            record = {"pairs": len(src), "dropped_empty": (dropped or {}).get(split, 0), "sha256": {}}
+            for lang, lines in ((src_lang, src), (tgt_lang, tgt)):
+                text = "".join(line + "\n" for line in lines).encode("utf-8")
+                files.write(out / f"{split}.{lang}", lambda handle, text=text: handle.write(text))
+                record["sha256"][lang] = hashlib.sha256(text).hexdigest()
+            record["source"] = source
+            manifest["splits"][split] = record
+            reports[split] = SplitReport(record["pairs"], record["dropped_empty"])
+        files.write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return reports
 
 

@@ -18,9 +18,8 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
+def _write_aside(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a temporary file next to `path` and fsync it; it is removed again if writing fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,10 +28,50 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = _write_aside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class FileSet:
+    """Files that must agree (a corpus's sides and its manifest), replaced together or not at all.
+
+    Each `write` goes to a temporary file beside its target; only when the block ends without an
+    error are they all renamed into place, so a failure while writing (a full disk) leaves every
+    old file as it was. (The renames themselves are quick but not one atomic step.)
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []
+
+    def write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+        self.staged.append((_write_aside(Path(path), write), Path(path)))
+
+    def write_text(self, path: Path, text: str) -> None:
+        self.write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            for tmp, path in self.staged:
+                os.replace(tmp, path)
+        else:
+            for tmp, _ in self.staged:
+                tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from mt.config import Config, config_to_dict, load_config
-from mt.data import corpus_files, read_lines
+from mt.data import MANIFEST, corpus_files, read_lines
 from mt.errors import DataError, MTError
 from mt.evaluate import corpus_scores
 from mt.files import atomic_write_text
@@ -81,7 +81,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 def _data_section(run_dir: Path, config: Config) -> list[str]:
     d = config.data
-    manifest = _json(Path(d.dir) / "manifest.json").get("splits", {})
+    manifest = _json(Path(d.dir) / MANIFEST).get("splits", {})
     lines = ["| split | pairs used | files (sha256) | origin |", "|---|---|---|---|"]
     for split in (d.train, d.valid, d.test):
         cache = _json(RunDir(run_dir).cache / f"{split}.json")

@@ -149,3 +149,32 @@ def test_a_gzip_file_corrupt_mid_stream_is_a_clean_error(tmp_path):
     _corrupt_gz(mirror / "train.de.gz", lines)
     with pytest.raises(DataError, match="cannot read"):
         data.fetch_multi30k("de-en", tmp_path / "m30k", source=str(mirror))
+
+
+@pytest.mark.parametrize("failing_write", [2, 3])  # the target side, the manifest
+def test_replacing_a_corpus_on_a_full_disk_keeps_the_old_set_whole(tmp_path, monkeypatch, failing_write):
+    import errno
+
+    import mt.files
+
+    for name, text in (("old.de", "alt\n"), ("old.en", "old\n"), ("new.de", "neu\nneu\n"), ("new.en", "new\nnew\n")):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "corpus"
+    data.import_files(out, "train", tmp_path / "old.de", tmp_path / "old.en")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    writes = {"count": 0}
+    fsync = mt.files.os.fsync
+
+    def full_disk(fd):
+        writes["count"] += 1
+        if writes["count"] == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(mt.files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        data.import_files(out, "train", tmp_path / "new.de", tmp_path / "new.en", force=True)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no temporary file left either
+    monkeypatch.undo()
+    data.import_files(out, "train", tmp_path / "new.de", tmp_path / "new.en", force=True)
+    assert (out / "train.de").read_text() == "neu\nneu\n" and json.loads((out / "manifest.json").read_text())

@@ -133,3 +133,12 @@ def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path, rec
     with pytest.raises(CheckpointError):
         load_state(tmp_path / "plain.pt")
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_a_failed_import_leaves_no_empty_directory(old_run):
+    (old_run / "empty.de").write_text("\n")
+    (old_run / "empty.en").write_text("\n")
+    assert "no sentence pairs" in _error(
+        "data", "import", "--src", "empty.de", "--tgt", "empty.en", "--out", "e", cwd=old_run
+    )
+    assert not (old_run / "e").exists()
