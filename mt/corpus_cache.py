@@ -199,8 +199,10 @@ def prepare_corpus(
     if encoding.bad_ratio:
         log.warning(
             "%s: left out %d pairs with a length ratio over data.max_length_ratio=%g",
-            src_path, encoding.bad_ratio, max_length_ratio,
-        )  # fmt: skip
+            src_path,
+            encoding.bad_ratio,
+            max_length_ratio,
+        )
     meta = {
         "key": key,
         "dtype": dtype.name,
@@ -264,6 +266,13 @@ def prepare_run_data(
             raise DataError(f"{src_path}: no sentence pairs")
     if main:
         tokenizer = prepare_tokenizer(run, config.tokenizer, *train_files, errors=d.errors)
+        sizes = {tokenizer.src_vocab_size, tokenizer.tgt_vocab_size}
+        if max(sizes) < config.tokenizer.vocab_size:  # SentencePiece takes what a small corpus has
+            log.warning(
+                "tokenizer.vocab_size=%d, but the corpus supports only %s pieces: the model uses those",
+                config.tokenizer.vocab_size,
+                "/".join(str(n) for n in sorted(sizes)),
+            )
         # a pair must also fit the model's positions (with BOS/EOS), whatever data.max_length says
         longest = min(d.max_length, config.model.max_positions)
         train = prepare_corpus(cache, d.train, *train_files, tokenizer, longest, d.max_length_ratio, d.errors)

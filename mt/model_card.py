@@ -128,8 +128,14 @@ def card_after_training(run: RunDir, config: Config, device: torch.device, facts
         log.warning("no test scores for the model card: %s", exc)
         test = None
     if test:
-        log.info("%s: BLEU %.2f chrF %.2f with %s (%s)",
-                 test["file"], test["bleu"], test["chrf"], test["checkpoint"], test["bleu_signature"])  # fmt: skip
+        log.info(
+            "%s: BLEU %.2f chrF %.2f with %s (%s)",
+            test["file"],
+            test["bleu"],
+            test["chrf"],
+            test["checkpoint"],
+            test["bleu_signature"],
+        )
     if facts.best_step is None and run.best.is_file():  # resumed from a version that did not record it
         on_disk = facts_from_files(run)
         facts.best_step, facts.best_scores = on_disk.best_step, on_disk.best_scores

@@ -407,9 +407,14 @@ class TrainingRun:
         """Test scores (when asked for and the corpus has a test split) and the model card."""
         p = self.progress
         facts = CardFacts(
-            p.step, p.epoch, p.elapsed, self.world.size, count_parameters(self.model),
-            p.best_step if p.best_step >= 0 else None, p.best_scores,
-        )  # fmt: skip
+            p.step,
+            p.epoch,
+            p.elapsed,
+            self.world.size,
+            count_parameters(self.model),
+            p.best_step if p.best_step >= 0 else None,
+            p.best_scores,
+        )
         test = card_after_training(self.run, self.config, self.device, facts)
         if test:
             self.metrics.write(step=p.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])

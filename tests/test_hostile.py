@@ -142,3 +142,9 @@ def test_a_failed_import_leaves_no_empty_directory(old_run):
         "data", "import", "--src", "empty.de", "--tgt", "empty.en", "--out", "e", cwd=old_run
     )
     assert not (old_run / "e").exists()
+
+
+def test_a_vocabulary_larger_than_the_corpus_supports_is_reported(old_run):
+    args = ["--set", "train.run_dir=big", "--set", "tokenizer.vocab_size=500", "--max-steps", "1"]
+    result = run_mt("train", "run/config.yaml", *args, cwd=old_run)
+    assert "tokenizer.vocab_size=500, but the corpus supports only" in result.stderr
