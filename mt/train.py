@@ -149,14 +149,12 @@ class TrainingRun:
                 "the run was saved with %d processes, now %d: random draws differ", len(checkpoint.rng), self.world.size
             )
         self.resumed, p = True, self.progress
+        where = (p.step, p.epoch, p.batches_done, p.epoch + 1)
         log.info(
             "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)",
             self.run,
             path.name,
-            p.step,
-            p.epoch,
-            p.batches_done,
-            p.epoch + 1,
+            *where,
         )
         return True
 
@@ -168,14 +166,16 @@ class TrainingRun:
         Returns why it stopped: max_steps, max_epochs, max_time, patience or signal.
         """
         t, p, world = self.config.train, self.progress, self.world
-        log.info(
-            "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)",
+        sizes = (
             len(self.corpus),
             len(self.valid),
             *self.vocab,
             f"{count_parameters(self.model):,}",
             self.device,
             world.size,
+        )
+        log.info(
+            "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)", *sizes
         )
         self.metrics = MetricsLog(self.run.metrics if world.is_main else None)
         event = "resume" if self.resumed else "start"
@@ -395,10 +395,11 @@ class TrainingRun:
             self.write_card()
         self.metrics.close()
         if reason != "signal":
+            seconds = time.monotonic() - self.start
             log.info(
                 "finished after %d steps in %.0fs; best valid BLEU %.2f; model in %s",
                 p.step,
-                time.monotonic() - self.start,
+                seconds,
                 p.best_bleu,
                 self.run,
             )
@@ -406,15 +407,8 @@ class TrainingRun:
     def write_card(self) -> None:
         """Test scores (when asked for and the corpus has a test split) and the model card."""
         p = self.progress
-        facts = CardFacts(
-            p.step,
-            p.epoch,
-            p.elapsed,
-            self.world.size,
-            count_parameters(self.model),
-            p.best_step if p.best_step >= 0 else None,
-            p.best_scores,
-        )
+        facts = CardFacts(p.step, p.epoch, p.elapsed, self.world.size, count_parameters(self.model))
+        facts.best_step, facts.best_scores = (p.best_step if p.best_step >= 0 else None), p.best_scores
         test = card_after_training(self.run, self.config, self.device, facts)
         if test:
             self.metrics.write(step=p.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])
