@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -76,34 +76,18 @@ def read_lines(path: str | Path, errors: str = "strict") -> list[str]:
     return list(iter_lines(path, errors))
 
 
-def read_tsv(path: str | Path, errors: str = "strict") -> tuple[list[str], list[str]]:
-    """Two tab-separated columns per line: source, target."""
-    src, tgt = [], []
-    for number, line in enumerate(read_lines(path, errors), 1):
+def iter_tsv(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
+    """Two tab-separated columns per line, source and target, streamed."""
+    for number, line in enumerate(iter_lines(path, errors), 1):
         columns = line.split("\t")
         if len(columns) != 2:
             raise DataError(f"{path}:{number}: expected 2 tab-separated columns, found {len(columns)}")
-        src.append(columns[0])
-        tgt.append(columns[1])
-    return src, tgt
+        yield columns[0], columns[1]
 
 
 def _clean(line: str) -> str:
     # an embedded newline would break line alignment of the files we write
     return " ".join(line.split()) if any(c in line for c in "\r\n\t\x0b\x0c\x85\u2028\u2029") else line.strip()
-
-
-def align(src: list[str], tgt: list[str], src_name: str, tgt_name: str) -> tuple[list[str], list[str], int]:
-    """Check that both sides have the same number of lines; drop pairs with an empty side."""
-    if len(src) != len(tgt):
-        raise DataError(f"{src_name} has {len(src)} lines but {tgt_name} has {len(tgt)}: the files are not aligned")
-    kept_src, kept_tgt = [], []
-    for s, t in zip(src, tgt):
-        s, t = _clean(s), _clean(t)
-        if s and t:
-            kept_src.append(s)
-            kept_tgt.append(t)
-    return kept_src, kept_tgt, len(src) - len(kept_src)
 
 
 def file_sha256(path: Path) -> str:
@@ -114,18 +98,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+RawPairs = Iterable[tuple[str, str]]  # line-aligned (source, target) lines, before cleaning
+
+
 def write_corpus(
     out_dir: str | Path,
-    splits: dict[str, tuple[list[str], list[str]]],
+    splits: dict[str, RawPairs],
     src_lang: str,
     tgt_lang: str,
     source: str,
-    dropped: dict[str, int] | None = None,
     force: bool = False,
 ) -> dict[str, SplitReport]:
-    """Write `{split}.{lang}` files atomically and merge their record into `manifest.json`.
+    """Write `{split}.{lang}` files and merge their record into `manifest.json`, all or nothing.
 
-    Existing split files are never overwritten unless `force` is set.
+    The pairs are streamed (memory stays bounded whatever the corpus size); pairs with an empty
+    side are dropped and counted. Existing split files are never overwritten unless `force` is set.
     """
     out = Path(out_dir)
     manifest_path = out / MANIFEST
@@ -145,13 +132,10 @@ def write_corpus(
             for lang in (src_lang, tgt_lang):
                 if (out / f"{split}.{lang}").exists():
                     raise DataError(f"{out / f'{split}.{lang}'} already exists (use --force to replace it)")
-    for split, (src, _) in splits.items():
-        if not src:
-            raise DataError(f"{source}: split {split!r} has no sentence pairs")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        reports = _write_splits(out, splits, src_lang, tgt_lang, source, dropped, manifest)
+        reports = _write_splits(out, splits, src_lang, tgt_lang, source, manifest)
     except BaseException:
         if created and not any(out.iterdir()):  # a failed import leaves no empty directory behind
             out.rmdir()
@@ -162,20 +146,39 @@ def write_corpus(
     return reports
 
 
-def _write_splits(out, splits, src_lang, tgt_lang, source, dropped, manifest) -> dict[str, SplitReport]:
+def _write_splits(out: Path, splits: dict[str, RawPairs], src_lang, tgt_lang, source, manifest) -> dict:
     reports = {}
     with FileSet() as files:  # every split file and the manifest, or none of them
-        for split, (src, tgt) in splits.items():
-            record = {"pairs": len(src), "dropped_empty": (dropped or {}).get(split, 0), "sha256": {}}
-            for lang, lines in ((src_lang, src), (tgt_lang, tgt)):
-                text = "".join(line + "\n" for line in lines).encode("utf-8")
-                files.write(out / f"{split}.{lang}", lambda handle, text=text: handle.write(text))
-                record["sha256"][lang] = hashlib.sha256(text).hexdigest()
-            record["source"] = source
-            manifest["splits"][split] = record
-            reports[split] = SplitReport(record["pairs"], record["dropped_empty"])
+        for split, pairs in splits.items():
+            sides = [(files.open(out / f"{split}.{lang}"), hashlib.sha256()) for lang in (src_lang, tgt_lang)]
+            kept = dropped = 0
+            for raw in pairs:
+                cleaned = [_clean(text) for text in raw]
+                if not all(cleaned):
+                    dropped += 1
+                    continue
+                kept += 1
+                for (handle, digest), text in zip(sides, cleaned):
+                    line = (text + "\n").encode("utf-8")
+                    handle.write(line)
+                    digest.update(line)
+            if not kept:
+                raise DataError(f"{source}: split {split!r} has no sentence pairs")
+            digests = {lang: digest.hexdigest() for lang, (_, digest) in zip((src_lang, tgt_lang), sides)}
+            manifest["splits"][split] = {"pairs": kept, "dropped_empty": dropped, "sha256": digests, "source": source}
+            reports[split] = SplitReport(kept, dropped)
         files.write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return reports
+
+
+def aligned(src: Iterable[str], tgt: Iterable[str], src_name: str, tgt_name: str) -> Iterator[tuple[str, str]]:
+    """Pairs of two line sequences that must have the same length (checked as they are read)."""
+    missing = object()
+    for number, (s, t) in enumerate(zip_longest(src, tgt, fillvalue=missing), 1):
+        if s is missing or t is missing:
+            short, long_ = (src_name, tgt_name) if s is missing else (tgt_name, src_name)
+            raise DataError(f"{short} ends at line {number - 1} but {long_} goes on: the files are not aligned")
+        yield s, t
 
 
 def _datasets():
@@ -225,16 +228,16 @@ def fetch_multi30k(
         lang: _load_text_files({split: f"{source}/{stem}.{lang}.gz" for split, stem in MULTI30K_SPLITS.items()})
         for lang in (src_lang, tgt_lang)
     }
-    splits, dropped = {}, {}
-    for split, stem in MULTI30K_SPLITS.items():
-        src, tgt, dropped[split] = align(
+    splits = {
+        split: aligned(
             texts[src_lang][split],
             texts[tgt_lang][split],
             f"{source}/{stem}.{src_lang}.gz",
             f"{source}/{stem}.{tgt_lang}.gz",
         )
-        splits[split] = (src, tgt)
-    return write_corpus(out_dir, splits, src_lang, tgt_lang, f"multi30k:{source}", dropped, force)
+        for split, stem in MULTI30K_SPLITS.items()
+    }
+    return write_corpus(out_dir, splits, src_lang, tgt_lang, f"multi30k:{source}", force)
 
 
 def fetch_hub(
@@ -249,25 +252,24 @@ def fetch_hub(
     except Exception as exc:  # the Hub raises many unrelated types; all mean "could not load"
         raise DataError(f"cannot load dataset {name!r} ({config_name}): {exc}".splitlines()[0]) from None
     out_dir = out_dir or Path("data") / f"{name.split('/')[-1]}-{src_lang}-{tgt_lang}"
-    splits, dropped = {}, {}
+    splits = {}
     for hub_split, rows in loaded.items():
-        split = HF_SPLITS.get(hub_split, hub_split)
         if "translation" not in rows.column_names:
             raise DataError(f"{name}: split {hub_split!r} has no 'translation' column (columns: {rows.column_names})")
-        pairs = rows["translation"]
-        missing = [lang for lang in (src_lang, tgt_lang) if pairs and lang not in pairs[0]]
+        first = rows[0]["translation"] if len(rows) else {}
+        missing = [lang for lang in (src_lang, tgt_lang) if first and lang not in first]
         if missing:
-            raise DataError(f"{name}: no language {missing[0]!r} in its translations (has {sorted(pairs[0])})")
-        src, tgt, dropped[split] = align(
-            [p[src_lang] or "" for p in pairs],
-            [p[tgt_lang] or "" for p in pairs],
-            f"{name}:{hub_split}:{src_lang}",
-            f"{name}:{hub_split}:{tgt_lang}",
-        )
-        splits[split] = (src, tgt)
-    return write_corpus(
-        out_dir, splits, src_lang, tgt_lang, f"hf:{name}" + (f"/{config_name}" if config_name else ""), dropped, force
-    )
+            raise DataError(f"{name}: no language {missing[0]!r} in its translations (has {sorted(first)})")
+        splits[HF_SPLITS.get(hub_split, hub_split)] = _hub_pairs(rows, src_lang, tgt_lang)
+    source = f"hf:{name}" + (f"/{config_name}" if config_name else "")
+    return write_corpus(out_dir, splits, src_lang, tgt_lang, source, force)
+
+
+def _hub_pairs(rows, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
+    """A Hub split's (source, target) texts, read batch by batch from its memory-mapped Arrow table."""
+    for batch in rows.iter(batch_size=10_000):
+        for translation in batch["translation"]:
+            yield translation.get(src_lang) or "", translation.get(tgt_lang) or ""
 
 
 def import_files(
@@ -289,18 +291,17 @@ def import_files(
         if pair is None:
             raise DataError("--tsv needs --pair (e.g. --pair de-en)")
         src_lang, tgt_lang = parse_pair(pair)
-        src_lines, tgt_lines = read_tsv(tsv, errors)
+        pairs = iter_tsv(tsv, errors)
         src_name = tgt_name = str(tsv)
     else:
         if src is None or tgt is None:
             raise DataError("give --src and --tgt (or --tsv)")
         src, tgt = Path(src), Path(tgt)
         src_lang, tgt_lang = parse_pair(pair) if pair else (_lang_of(src), _lang_of(tgt))
-        src_lines, tgt_lines = read_lines(src, errors), read_lines(tgt, errors)
         src_name, tgt_name = str(src), str(tgt)
-    src_lines, tgt_lines, dropped = align(src_lines, tgt_lines, src_name, tgt_name)
+        pairs = aligned(iter_lines(src, errors), iter_lines(tgt, errors), src_name, tgt_name)
     source = f"import:{src_name}" + (f"+{tgt_name}" if tgt_name != src_name else "")
-    return write_corpus(out_dir, {split: (src_lines, tgt_lines)}, src_lang, tgt_lang, source, {split: dropped}, force)
+    return write_corpus(out_dir, {split: pairs}, src_lang, tgt_lang, source, force)
 
 
 def _lang_of(path: Path) -> str:
@@ -324,13 +325,8 @@ def iter_pairs(src_path: Path, tgt_path: Path, errors: str = "strict") -> Iterat
 
     `errors`: what invalid UTF-8 does, as in `iter_lines`.
     """
-    missing = object()
     dropped = 0
-    lines = zip_longest(iter_lines(src_path, errors), iter_lines(tgt_path, errors), fillvalue=missing)
-    for number, (s, t) in enumerate(lines, 1):
-        if s is missing or t is missing:
-            short, long_ = (src_path, tgt_path) if s is missing else (tgt_path, src_path)
-            raise DataError(f"{short} ends at line {number - 1} but {long_} goes on: the files are not aligned")
+    for s, t in aligned(iter_lines(src_path, errors), iter_lines(tgt_path, errors), str(src_path), str(tgt_path)):
         s, t = _clean(s), _clean(t)
         if s and t:
             yield s, t

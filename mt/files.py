@@ -45,37 +45,51 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
 class FileSet:
     """Files that must agree (a corpus's sides and its manifest), replaced together or not at all.
 
-    Each `write` goes to a temporary file beside its target; only when the block ends without an
-    error are they all renamed into place, so a failure while writing (a full disk) leaves every
-    old file as it was. (The renames themselves are quick but not one atomic step.)
+    Each file is written to a temporary file beside its target; only when the block ends without
+    an error are they all fsync'ed and renamed into place, so a failure while writing (a full disk,
+    bad input half-way through a stream) leaves every old file as it was. (The renames themselves
+    are quick but not one atomic step.)
     """
 
     def __init__(self) -> None:
-        self.staged: list[tuple[Path, Path]] = []
+        self.staged: list[tuple[BinaryIO, Path, Path]] = []  # (open temporary file, its name, target)
 
-    def write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
-        self.staged.append((_write_aside(Path(path), write), Path(path)))
+    def open(self, path: Path) -> BinaryIO:
+        """A binary file to write `path`'s new content into, in place once the set is complete."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        handle = os.fdopen(fd, "wb")
+        self.staged.append((handle, Path(tmp), path))
+        return handle
 
     def write_text(self, path: Path, text: str) -> None:
-        self.write(path, lambda handle: handle.write(text.encode("utf-8")))
+        self.open(path).write(text.encode("utf-8"))
 
     def __enter__(self) -> FileSet:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is None:
-            for tmp, path in self.staged:
-                os.replace(tmp, path)
-        else:
-            for tmp, _ in self.staged:
-                tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+        try:
+            if kind is None:
+                for handle, _, _ in self.staged:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    handle.close()
+                for _, tmp, path in self.staged:
+                    os.replace(tmp, path)
+        finally:
+            for handle, tmp, _ in self.staged:
+                handle.close()
+                tmp.unlink(missing_ok=True)  # gone already when renamed
 
 
 class FileLock:

@@ -93,7 +93,7 @@ def test_import_tsv(tmp_path):
 def test_import_errors_name_file_and_line(tmp_path):
     (tmp_path / "a.de").write_text("eins\nzwei\n")
     (tmp_path / "a.en").write_text("one\n")
-    with pytest.raises(DataError, match="a.de has 2 lines but .*a.en has 1"):
+    with pytest.raises(DataError, match="a.en ends at line 1 but .*a.de goes on"):
         data.import_files(tmp_path / "c", "train", src=tmp_path / "a.de", tgt=tmp_path / "a.en")
     (tmp_path / "b.en").write_bytes(b"one\ntw\xffo\n")
     with pytest.raises(DataError, match=r"b.en:2: invalid UTF-8"):
