@@ -14,8 +14,8 @@ from pathlib import Path
 import typer
 
 from mt import __version__
-from mt.errors import MTError
-from mt.progress import progress_bar, set_quiet
+from mt.errors import MTError, one_line
+from mt.progress import configure_output, progress_bar
 from mt.run_dir import BEST, RunDir
 
 _options = {"debug": False}
@@ -31,15 +31,8 @@ class _Commands(typer.core.TyperGroup):
         except (MTError, OSError) as exc:
             if _options["debug"] or isinstance(exc, BrokenPipeError):
                 raise
-            typer.echo(f"mt: error: {_one_line(exc)}", err=True)
+            typer.echo(f"mt: error: {one_line(exc)}", err=True)
             ctx.exit(2)
-
-
-def _one_line(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror.lower()}" + (f" ({exc.filename2})" if exc.filename2 else "")
-    return str(exc)
 
 
 app = typer.Typer(
@@ -69,15 +62,7 @@ def _main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines; warnings and errors only."),
 ) -> None:
     _options["debug"] = debug
-    set_quiet(quiet)
-    # a handler of mt's own logger, made anew for each command (in-process callers swap sys.stderr)
-    for handler in [h for h in log.handlers if getattr(h, "mt_cli", False)]:
-        log.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
-    handler.mt_cli = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    configure_output(log, verbose, quiet)
 
 
 def _report(reports: dict) -> None:
@@ -226,10 +211,7 @@ def translate(
 
     translator = Translator(run_dir, checkpoint, device, engine)
     options = translator.options(beam=beam, length_penalty=length_penalty, nbest=nbest, no_repeat_ngram=no_repeat_ngram)
-    try:
-        chunks = read_chunks(sys.stdin.fileno())
-    except (AttributeError, OSError, ValueError):  # a stdin without a file descriptor (an in-process caller)
-        chunks = read_chunks(sys.stdin.buffer)
+    chunks = read_chunks(sys.stdin)
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))

@@ -19,3 +19,11 @@ class CheckpointError(MTError):
 
 class TrainingError(MTError):
     """Training cannot go on (say, the loss keeps diverging); the message names the last good checkpoint."""
+
+
+def one_line(exc: Exception) -> str:
+    """An MTError's message, or an operating-system error as `PATH: what happened`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror.lower()}" + (f" ({exc.filename2})" if exc.filename2 else "")
+    return str(exc)

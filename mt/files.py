@@ -18,31 +18,10 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _write_aside(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a temporary file next to `path` and fsync it; it is removed again if writing fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = _write_aside(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with FileSet() as files:
+        write(files.open(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -31,7 +31,7 @@ from mt.progress import progress_bar
 from mt.run_dir import MetricsLog, Progress, RunDir, StepCheckpoint, Weights, save_checkpoint
 from mt.signals import GracefulStop
 from mt.trainer import StepStats, Trainer, UpdateResult, make_trainer, prefetched_batches, rng_state, set_rng_state
-from mt.validation import validate
+from mt.validation import describe, validate
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,8 @@ class TrainingRun:
                 "the run was saved with %d processes, now %d: random draws differ", len(checkpoint.rng), self.world.size
             )
         self.resumed, p = True, self.progress
-        where = (p.step, p.epoch, p.batches_done, p.epoch + 1)
-        log.info(
-            "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)",
-            self.run,
-            path.name,
-            *where,
-        )
+        line = "%s has checkpoints: continuing from %s (step %d, epoch %d, %d batches into epoch %d)"
+        log.info(line, self.run, path.name, p.step, p.epoch, p.batches_done, p.epoch + 1)
         return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -166,17 +161,9 @@ class TrainingRun:
         Returns why it stopped: max_steps, max_epochs, max_time, patience or signal.
         """
         t, p, world = self.config.train, self.progress, self.world
-        sizes = (
-            len(self.corpus),
-            len(self.valid),
-            *self.vocab,
-            f"{count_parameters(self.model):,}",
-            self.device,
-            world.size,
-        )
-        log.info(
-            "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)", *sizes
-        )
+        line = "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)"
+        parameters = f"{count_parameters(self.model):,}"
+        log.info(line, len(self.corpus), len(self.valid), *self.vocab, parameters, self.device, world.size)
         self.metrics = MetricsLog(self.run.metrics if world.is_main else None)
         event = "resume" if self.resumed else "start"
         self.metrics.write(
@@ -314,16 +301,8 @@ class TrainingRun:
         p.last_validated_step = p.step
         if world.is_main:
             self.metrics.write(step=p.step, epoch=p.epoch, elapsed=time.monotonic() - self.start, **scores)
-            log.info(
-                "step %d: valid loss %.3f ppl %.2f BLEU %.2f chrF %.2f (best BLEU %.2f; %.0fs)",
-                p.step,
-                scores["valid_loss"],
-                scores["valid_ppl"],
-                scores["valid_bleu"],
-                scores["valid_chrf"],
-                p.best_bleu,
-                time.monotonic() - began,
-            )
+            seconds = time.monotonic() - began
+            log.info("step %d: %s (best BLEU %.2f; %.0fs)", p.step, describe(scores), p.best_bleu, seconds)
         self.validation_seconds = time.monotonic() - began
         self.paused_seconds += self.validation_seconds
         self.save()
@@ -379,13 +358,8 @@ class TrainingRun:
         if reason == "signal":
             path = self.save()
             name = self.signals.signal_name or "a signal on another rank"
-            log.info(
-                "stopped by %s at step %d; checkpoint %s; continue with `mt train %s --resume`",
-                name,
-                p.step,
-                path,
-                self.run,
-            )
+            line = "stopped by %s at step %d; checkpoint %s; continue with `mt train %s --resume`"
+            log.info(line, name, p.step, path, self.run)
         elif reason == "patience":
             log.info("no better validation BLEU in %d validations: stopping early", self.config.train.patience)
         if self.world.distributed:

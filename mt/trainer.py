@@ -109,11 +109,13 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         # after DDP's all-reduce every rank holds the same gradients, hence the same norm
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
+        # one collective for what differs between ranks; the norm rides along for the same host sync
         local = [counts.target_tokens, counts.source_tokens, counts.padded_tokens, *votes()]
-        measured = torch.stack([loss_sum.float(), norm.float()]).double()
-        values = torch.cat([measured, torch.tensor(local, dtype=torch.float64).to(self.device)])
-        total_loss, grad_norm, targets, sources, padded, *stop_votes = sum_over_ranks(self.world, values).tolist()
-        grad_norm /= self.world.size
+        counted = torch.tensor(local, dtype=torch.float64, device=self.device)
+        summed = sum_over_ranks(self.world, torch.cat([loss_sum.double().view(1), counted]))
+        total_loss, targets, sources, padded, *stop_votes, grad_norm = torch.cat(
+            [summed, norm.double().view(1)]
+        ).tolist()
         stats = StepStats(total_loss, int(targets), int(sources), int(padded))
         finite = math.isfinite(total_loss) and (self.scaler is not None or math.isfinite(grad_norm))
         if not finite:

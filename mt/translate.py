@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import torch
 from torch import Tensor
@@ -122,9 +122,9 @@ def one_line(text: str) -> str:
 
 
 def read_chunks(
-    source: int | BinaryIO, max_lines: int = 2000, block: int = 1 << 16, max_line_bytes: int = 1 << 20
+    source: int | TextIO | BinaryIO, max_lines: int = 2000, block: int = 1 << 16, max_line_bytes: int = 1 << 20
 ) -> Iterator[list[str]]:
-    """Lines from file descriptor (or binary stream) `source`, in chunks of at most `max_lines`.
+    """Lines from a file descriptor or stream (stdin), in chunks of at most `max_lines`.
 
     A chunk also ends whenever no more input is immediately available, so someone typing gets
     each translation as soon as the line is entered, while piped files are decoded in big,
@@ -132,6 +132,7 @@ def read_chunks(
     `max_line_bytes` (far more than a model reads), with a warning. Bytes that are not UTF-8 are
     replaced rather than failing, so every input line still gets its output line.
     """
+    source = _descriptor_or_binary(source)
     pending, lines, eof, cut = b"", [], False, False
     while not eof:
         data = os.read(source, block) if isinstance(source, int) else source.read(block)
@@ -153,6 +154,16 @@ def read_chunks(
         if lines and (eof or not _readable_now(source)):
             yield lines
             lines = []
+
+
+def _descriptor_or_binary(source: int | TextIO | BinaryIO) -> int | BinaryIO:
+    """The file descriptor to read; a stream without one (an in-process caller's stdin) is read as it is."""
+    if isinstance(source, int):
+        return source
+    try:
+        return source.fileno()
+    except (AttributeError, OSError, ValueError):
+        return getattr(source, "buffer", source)
 
 
 def _readable_now(source: int | BinaryIO) -> bool:

@@ -55,3 +55,9 @@ def validate(
         "valid_bleu": scores["bleu"],
         "valid_chrf": scores["chrf"],
     }
+
+
+def describe(scores: dict[str, float]) -> str:
+    """`validate`'s scores as the one line training logs."""
+    loss, ppl, bleu, chrf = (scores[f"valid_{name}"] for name in ("loss", "ppl", "bleu", "chrf"))
+    return f"valid loss {loss:.3f} ppl {ppl:.2f} BLEU {bleu:.2f} chrF {chrf:.2f}"
