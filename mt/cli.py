@@ -16,7 +16,6 @@ import typer
 from mt import __version__
 from mt.errors import MTError, one_line
 from mt.progress import configure_output, progress_bar
-from mt.run_dir import BEST, RunDir
 
 _options = {"debug": False}
 
@@ -150,6 +149,7 @@ def train(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from mt.config import load_config
+    from mt.run_dir import RunDir
     from mt.train import train as run_training
 
     overrides = list(set_)
@@ -180,7 +180,7 @@ def average(
     Example: mt average runs/multi30k_de_en --last 5 -o runs/multi30k_de_en/averaged.pt;
     then mt translate runs/multi30k_de_en --checkpoint averaged.pt
     """
-    from mt.run_dir import average_last, save_checkpoint
+    from mt.run_dir import RunDir, average_last, save_checkpoint
 
     if output.exists() and not force:
         raise MTError(f"{output}: exists; use --force to replace it")
@@ -229,7 +229,7 @@ def translate(
 @app.command()
 def tune(
     run_dir: Path = typer.Argument(..., help="Run directory written by `mt train`."),
-    checkpoint: list[str] = typer.Option([BEST], help="Checkpoint to try (repeatable), e.g. averaged.pt."),
+    checkpoint: list[str] = typer.Option([], help="Checkpoint to try (repeatable; default best.pt), e.g. averaged.pt."),
     beam: list[int] = typer.Option([4, 5], help="Beam size to try (repeatable)."),
     length_penalty: list[float] = typer.Option([0.6, 1.0, 1.4], help="Length penalty to try (repeatable)."),
     max_sentences: int = typer.Option(0, help="Use only the first N validation sentences (0 = all)."),
@@ -241,11 +241,12 @@ def tune(
     Example: mt average runs/multi30k_de_en --last 3 -o runs/multi30k_de_en/averaged.pt;
     mt tune runs/multi30k_de_en --checkpoint best.pt --checkpoint averaged.pt
     """
+    from mt.run_dir import BEST, RunDir
     from mt.tuning import format_tuning, tune_decoding
 
     if min(beam) < 1:
         raise MTError("--beam must be at least 1")
-    rows, best = tune_decoding(run_dir, checkpoint, beam, length_penalty, device, max_sentences, not dry_run)
+    rows, best = tune_decoding(run_dir, checkpoint or [BEST], beam, length_penalty, device, max_sentences, not dry_run)
     typer.echo(format_tuning(rows, best))
     if not dry_run:
         log.info(
@@ -407,5 +408,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("mt: interrupted", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer's own answer to a Ctrl-C: exit 130 without a word
+            typer.echo("mt: interrupted", err=True)
+        raise
     except BrokenPipeError:
         sys.exit(0)

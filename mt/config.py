@@ -41,7 +41,7 @@ class TokenizerConfig:
     vocab_size: int = 8000
     joint: bool = True  # one vocabulary for both languages (enables tied embeddings)
     character_coverage: float = 1.0
-    max_sentences: int = 2_000_000  # sentences sampled to train SentencePiece
+    max_sentences: int = 2_000_000  # sentences sampled to train a unigram model (BPE counts the words of all)
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,16 +60,38 @@ class FileSet:
     def __exit__(self, kind, error, traceback) -> None:
         try:
             if kind is None:
-                for handle, _, _ in self.staged:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    handle.close()
+                for handle, _, path in self.staged:
+                    with _named(path):
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                        handle.close()
                 for _, tmp, path in self.staged:
                     os.replace(tmp, path)
+            elif isinstance(error, OSError) and not error.filename and self.staged:
+                # a failed write() names no file; the newest file opened is the one being written
+                raise _with_path(error, self.staged[-1][2]) from error
         finally:
             for handle, tmp, _ in self.staged:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # its buffered bytes cannot be written either (the disk is full)
+                    pass
                 tmp.unlink(missing_ok=True)  # gone already when renamed
+
+
+def _with_path(error: OSError, path: Path) -> OSError:
+    return type(error)(error.errno, error.strerror, str(path))
+
+
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """Give an OSError raised in the block that names no file the name of `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename:
+            raise
+        raise _with_path(error, path) from error
 
 
 class FileLock:

@@ -27,6 +27,7 @@ from mt.evaluate import corpus_scores
 from mt.files import atomic_write_text
 from mt.run_dir import RunDir, load_step_checkpoint, load_weights
 from mt.search import search_name
+from mt.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,7 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         "",
         *_data_section(run_dir, config),
         "",
-        f"Tokenizer: SentencePiece {config.tokenizer.type}, {config.tokenizer.vocab_size} pieces"
-        f" ({'joint' if config.tokenizer.joint else 'one per language'}).",
+        _tokenizer_line(run_dir, config),
         "",
         "## Model and training",
         "",
@@ -220,3 +220,20 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
 
 def _known(value: int | None) -> str:
     return "?" if value is None else str(value)
+
+
+def _tokenizer_line(run_dir: Path, config: Config) -> str:
+    """The tokenizer as trained: its real piece counts, which a small corpus may leave below the config's."""
+    tok = config.tokenizer
+    try:
+        tokenizer = load_tokenizer(run_dir, tok.joint)
+        sizes = sorted({tokenizer.src_vocab_size, tokenizer.tgt_vocab_size})
+    except MTError:
+        sizes = [tok.vocab_size]
+    pieces = "/".join(str(n) for n in sizes)
+    short = (
+        f" (tokenizer.vocab_size={tok.vocab_size}: the corpus supports no more)" if max(sizes) < tok.vocab_size else ""
+    )
+    return (
+        f"Tokenizer: SentencePiece {tok.type}, {pieces} pieces{short} ({'joint' if tok.joint else 'one per language'})."
+    )

@@ -1,10 +1,13 @@
-"""Stopping a training run cleanly: SIGINT/SIGTERM finish the current update, then a checkpoint is saved."""
+"""Stopping a training run cleanly: SIGINT/SIGTERM finish the current update, then a checkpoint is saved;
+before training starts they are held back while the heavy libraries load."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +37,21 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(number).name
         log.warning("%s received: finishing this update, then saving a checkpoint", self.signal_name)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back until the block ends, then deliver them.
+
+    For importing torch and numpy: a KeyboardInterrupt inside their import can be swallowed by a
+    library's `except` and leave a half-initialised module that fails much later.
+    """
+    numbers = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here

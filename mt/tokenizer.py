@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -25,25 +27,51 @@ from mt.vocab import BOS, EOS, PAD, UNK
 log = logging.getLogger(__name__)
 
 
+# distinct words kept while counting for BPE; past it the rarest are pruned, so memory stays bounded
+WORD_TYPES_LIMIT = 2_000_000
+
+
+def count_words(sentences: Iterable[str], limit: int = WORD_TYPES_LIMIT) -> Counter[str]:
+    """Whitespace-separated word frequencies of `sentences`, holding at most `limit` distinct words.
+
+    When the table is full, words seen no more than a rising floor are dropped (lossy counting):
+    what survives is every frequent word, with counts low by at most the floor.
+    """
+    counts: Counter[str] = Counter()
+    floor = 0
+    for sentence in sentences:
+        counts.update(sentence.split())
+        if len(counts) > limit:
+            floor += 1
+            for word in [word for word, count in counts.items() if count <= floor]:
+                del counts[word]
+    return counts
+
+
 def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
+    """Train a SentencePiece model on `sentences` and write it to `path`.
+
+    BPE learns from word frequencies alone (SentencePiece splits at whitespace first), so it is
+    given the word counts of the whole corpus: memory is the number of distinct words, whatever
+    the corpus size. Unigram seeds its pieces from a suffix array over the raw text (about 20
+    bytes per character), so it gets a random sample of `config.max_sentences` sentences.
+    """
     model = io.BytesIO()
     failures: list[Exception] = []
 
     def guarded() -> Iterator[str]:
-        # SentencePiece turns an exception inside its iterator into an opaque RuntimeError
+        # SentencePiece turns an exception inside its iterator (bad data, a Ctrl-C) into an opaque
+        # RuntimeError: end the input instead and raise the exception itself once SentencePiece returns
         try:
             yield from progress_bar(sentences, desc=f"reading sentences for {path.name}", unit=" lines", leave=False)
-        except DataError as exc:
+        except (DataError, KeyboardInterrupt) as exc:
             failures.append(exc)
 
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=guarded(),
+    options = dict(
         model_writer=model,
         model_type=config.type,
         vocab_size=config.vocab_size,
         character_coverage=config.character_coverage,
-        input_sentence_size=config.max_sentences,
-        shuffle_input_sentence=True,
         # small corpora cannot fill a large vocabulary; take what they have rather than fail
         hard_vocab_limit=False,
         pad_id=PAD,
@@ -53,6 +81,24 @@ def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerC
         num_threads=threads,
         minloglevel=2,
     )
+    if config.type == "bpe":
+        counts = count_words(guarded())
+        if failures:
+            raise failures[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".spm-", dir=path.parent) as scratch:
+            words = Path(scratch) / "words.tsv"
+            with open(words, "w", encoding="utf-8") as handle:
+                handle.writelines(f"{word}\t{count}\n" for word, count in counts.items())
+            del counts
+            spm.SentencePieceTrainer.train(input=str(words), input_format="tsv", input_sentence_size=0, **options)
+    else:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=guarded(),
+            input_sentence_size=config.max_sentences,
+            shuffle_input_sentence=True,
+            **options,
+        )
     if failures:
         raise failures[0]
     atomic_write(path, lambda handle: handle.write(model.getvalue()))

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,3 +208,26 @@ def test_a_second_trainer_of_a_run_directory_refuses_and_a_killed_ones_lock_is_g
     newest = list_checkpoints(tmp_path / "run")[-1]
     resumed = run_mt("train", str(config), "--max-steps", str(int(newest.stem[4:]) + 2))
     assert f"continuing from {newest.name}" in resumed.stderr
+
+
+def test_signals_held_back_during_a_block_arrive_after_it():
+    from mt.signals import deferred_signals
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            # at this thread: other threads (torch's, pytest's) do not hold signals back, mt's main() has none yet
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.05)
+            reached.append("end of block")  # a KeyboardInterrupt inside the block would skip this
+    assert reached == ["end of block"]
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.8])
+def test_ctrl_c_while_mt_train_starts_up_ends_it_cleanly(tmp_path, delay):
+    process = _start("train", str(_config(tmp_path, "run", 100)))
+    time.sleep(delay)  # torch is still loading
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert process.returncode == 130 and stderr.strip().endswith("mt: interrupted"), stderr

@@ -1,7 +1,10 @@
 """Hostile input that once crashed or misbehaved (issue 17): each ends in one `mt: error:` line and exit
 code 2, or works, and leaves existing files as they were."""
 
+import hashlib
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 from conftest import run_mt
 
 from mt.run_dir import RunDir, Weights, save_checkpoint
+from mt.tokenizer import load_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_0.1.0"
 
@@ -148,3 +152,51 @@ def test_a_vocabulary_larger_than_the_corpus_supports_is_reported(old_run):
     args = ["--set", "train.run_dir=big", "--set", "tokenizer.vocab_size=500", "--max-steps", "1"]
     result = run_mt("train", "run/config.yaml", *args, cwd=old_run)
     assert "tokenizer.vocab_size=500, but the corpus supports only" in result.stderr
+    pieces = load_tokenizer(old_run / "big", joint=True).src_vocab_size
+    assert (
+        f"SentencePiece unigram, {pieces} pieces (tokenizer.vocab_size=500: the corpus supports no more)"
+        in (old_run / "big" / "README.md").read_text()
+    )
+
+
+@pytest.fixture
+def small_filesystem(old_run):
+    """A tmpfs at old_run/fs holding a copy of the run: `mount(spare_kb, read_only)` (root only, else skipped)."""
+    mount_point = old_run / "fs"
+    mount_point.mkdir()
+    used_kb = sum(path.stat().st_size // 1024 + 4 for path in (old_run / "run").rglob("*")) + 16
+
+    def mount(spare_kb: int = 0, read_only: bool = False) -> Path:
+        command = ["mount", "-t", "tmpfs", "-o", f"size={used_kb + spare_kb}k", "tmpfs", str(mount_point)]
+        if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode:
+            pytest.skip("needs root and permission to mount a tmpfs")
+        shutil.copytree(old_run / "run", mount_point / "run")
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        return mount_point / "run"
+
+    yield mount
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_old_one(old_run, small_filesystem):
+    run = small_filesystem(spare_kb=48)  # room for the encoded corpus, not for another 120 kB checkpoint
+    old = RunDir(run).step_checkpoints()[-1]
+    before = _digest(old)
+    message = _error("train", str(run), "--max-steps", "121", cwd=old_run)
+    assert "no space left on device" in message and str(run) in message
+    assert _digest(old) == before and RunDir(run).latest_checkpoint()[0] == old
+    assert not [path.name for path in run.rglob("*") if path.name.endswith(".tmp")]
+
+
+def test_a_read_only_run_directory_translates_and_refuses_writes_in_one_line(old_run, small_filesystem):
+    run = small_filesystem(read_only=True)
+    assert run_mt("translate", str(run), stdin="1 2 3\n", cwd=old_run).stdout.count("\n") == 1
+    assert "read-only file system" in _error("train", str(run), "--max-steps", "121", cwd=old_run)
+    assert "read-only file system" in _error("average", str(run), "--last", "1", "-o", str(run / "avg.pt"), cwd=old_run)
+    imported = ["data", "import", "--src", "data/test.src", "--tgt", "data/test.tgt", "--pair", "de-en"]
+    assert "read-only file system" in _error(*imported, "--out", str(run / "corpus"), cwd=old_run)

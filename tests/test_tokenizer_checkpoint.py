@@ -1,12 +1,14 @@
+import io
 import pickle
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from mt.config import TokenizerConfig
 from mt.errors import CheckpointError
 from mt.run_dir import Weights, load_state, load_weights, save_checkpoint
-from mt.tokenizer import prepare_tokenizer
+from mt.tokenizer import count_words, prepare_tokenizer, train_sentencepiece
 from mt.vocab import BOS, EOS, PAD, UNK
 
 SRC = [f"der kleine hund {i} läuft über die wiese" for i in range(200)]
@@ -76,3 +78,50 @@ def test_truncated_checkpoint_is_reported(tmp_path):
         load_state(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_state(tmp_path / "missing.pt")
+
+
+def test_bpe_from_word_counts_equals_sentencepiece_on_the_sentences(tmp_path, corpus):
+    """BPE trains on the corpus's word counts; the model must be the one SentencePiece makes from the text."""
+    lines = SRC + TGT + ["Ein „Café“ am Fluß: 3,50 € — très cher!", "  zwei   Leerzeichen\tund Tab  "]
+    train_sentencepiece(iter(lines), tmp_path / "words.model", TokenizerConfig(type="bpe", vocab_size=70))
+    reference = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=reference,
+        model_type="bpe",
+        vocab_size=70,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=PAD,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        minloglevel=2,
+    )
+    ours = spm.SentencePieceProcessor(model_file=str(tmp_path / "words.model"))
+    theirs = spm.SentencePieceProcessor(model_proto=reference.getvalue())
+    assert [ours.id_to_piece(i) for i in range(ours.get_piece_size())] == [
+        theirs.id_to_piece(i) for i in range(theirs.get_piece_size())
+    ]
+    assert ours.encode(lines) == theirs.encode(lines)
+    assert not list(tmp_path.glob(".spm-*"))  # the word list is removed
+
+
+def test_word_counts_stay_within_their_limit_and_keep_frequent_words():
+    sentences = [f"the cat w{i} sat" for i in range(1000)]  # 1000 singletons among 3 frequent words
+    counts = count_words(sentences, limit=50)
+    assert len(counts) <= 51
+    assert counts["the"] >= 1000 - 50 and counts["cat"] >= 950 and counts["sat"] >= 950
+    assert count_words(["a b a", "b a"]) == {"a": 3, "b": 2}
+
+
+def test_a_ctrl_c_while_sentencepiece_reads_its_input_is_raised_as_such(tmp_path):
+    """SentencePiece would turn it into an opaque RuntimeError (or go on training on what it had)."""
+
+    def interrupted():
+        yield from SRC[:50]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sentencepiece(interrupted(), tmp_path / "spm.model", TokenizerConfig(vocab_size=40))
+    assert not (tmp_path / "spm.model").exists()
