@@ -327,6 +327,45 @@ def attention(
 
 
 @app.command()
+def serve(
+    models: list[Path] = typer.Argument(..., help="Run directories or `mt export` directories, one per language pair."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback only unless told otherwise)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: str | None = typer.Option(
+        None, envvar="MT_API_KEY", help="Require this key (api_key field, X-API-Key or Bearer header)."
+    ),
+    cors: str | None = typer.Option(None, help="Allow browser pages of this origin (e.g. https://example.org)."),
+    checkpoint: str | None = typer.Option(None, help="Checkpoint of each run (default: its decode.checkpoint)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+    max_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to share its batch."),
+    max_segments: int = typer.Option(128, help="Segments per request at most."),
+    max_chars: int = typer.Option(2000, help="Characters per segment at most."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Request body size at most."),
+) -> None:
+    """Serve models over HTTP: LibreTranslate's API, mt's /v1/translate, a web page with attention.
+
+    Example: mt serve runs/multi30k_de_en --port 8000, then open http://127.0.0.1:8000/
+    (API documentation at /docs). Concurrent requests are decoded together in batches.
+    SIGTERM or Ctrl-C: stop accepting, answer the requests in progress, exit 0.
+    (needs FastAPI and uvicorn: pip install 'mt\\[serve]')
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MTError("mt serve needs FastAPI and uvicorn: pip install 'mt[serve]'") from None
+    from mt.server import create_app, serve
+    from mt.serving import ServeLimits
+    from mt.translate import Translator
+
+    if min(max_segments, max_chars, max_body_bytes) < 1 or max_wait_ms < 0:
+        raise MTError("--max-segments, --max-chars and --max-body-bytes must be positive, --max-wait-ms >= 0")
+    limits = ServeLimits(max_body_bytes, max_segments, max_chars, max_wait_ms=max_wait_ms)
+    translators = [Translator(path, checkpoint, device) for path in models]
+    serve(create_app(translators, limits, api_key, cors), host, port)
+
+
+@app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),

@@ -97,3 +97,49 @@ def write_reversal_corpus(directory: Path, sizes: dict[str, int], seed: int = 0)
         (directory / f"{split}.src").write_text("".join(f"{s}\n" for s in src))
         (directory / f"{split}.tgt").write_text("".join(f"{' '.join(reversed(s.split()))}\n" for s in src))
     return directory
+
+
+TINY_CONFIG = """
+data: {{dir: {data}, src: src, tgt: tgt}}
+tokenizer: {{vocab_size: 24}}
+model: {{encoder_layers: 2, decoder_layers: 2, d_model: 64, heads: 4, ffn_dim: 128, dropout: 0.0, max_positions: 64}}
+train: {{run_dir: {run}, max_tokens: 800, lr: 0.004, warmup_steps: 60, label_smoothing: 0.0,
+        max_steps: {steps}, valid_sentences: 60, log_every: 50}}
+decode: {{beam: 3}}
+"""
+
+
+def _digits(rng, n):
+    src = [" ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7))) for _ in range(n)]
+    return src, [" ".join(reversed(s.split())) for s in src]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Import a reversal corpus and train on it with `mt train` (the tests that need a model that has
+    really learned share this one: test_cli, test_serve_process)."""
+    root = tmp_path_factory.mktemp("reverse")
+    rng = random.Random(0)
+    for split, n in (("train", 4000), ("valid", 60), ("test", 100)):
+        src, tgt = _digits(rng, n)
+        (root / f"{split}.src").write_text("\n".join(src) + "\n")
+        (root / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+        run_mt(
+            "data",
+            "import",
+            "--src",
+            str(root / f"{split}.src"),
+            "--tgt",
+            str(root / f"{split}.tgt"),
+            "--out",
+            str(root / "data"),
+            "--split",
+            split,
+            "--pair",
+            "src-tgt",
+        )
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG.format(data=root / "data", run=root / "run", steps=700))
+    result = run_mt("train", str(config))
+    assert "best valid BLEU" in result.stderr
+    return root

@@ -1,0 +1,363 @@
+"""`mt serve`: the HTTP API and web page over `mt.serving`'s batching workers (FastAPI + uvicorn).
+
+- `POST /translate`, `GET /languages`: LibreTranslate's API (JSON or form bodies), so its clients work.
+- `POST /v1/translate`: segments plus decoding options -> one result per segment (n-best with
+  scores, cross-attention weights, piece alignment).
+- `GET /health`, `GET /metrics` (Prometheus text), `GET /docs` (OpenAPI), `GET /` (the web page).
+
+Every problem with a request is a 4xx `{"error": "..."}` naming it; a worker never dies of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mt.decoding import DecodeOptions
+from mt.errors import MTError
+from mt.serving import BatchingWorker, Job, Metrics, ServeLimits
+from mt.translate import Translator
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "cs": "Czech", "de": "German", "en": "English", "es": "Spanish", "fi": "Finnish",
+    "fr": "French", "hi": "Hindi", "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch",
+    "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "tr": "Turkish",
+    "uk": "Ukrainian", "vi": "Vietnamese", "zh": "Chinese",
+}  # fmt: skip
+
+
+class RequestError(Exception):
+    """A request the server cannot serve: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Model:
+    """One served model: its language pair, translator and batching worker."""
+
+    def __init__(self, translator: Translator, limits: ServeLimits, metrics: Metrics):
+        data = translator.config.data
+        self.source, self.target = data.src, data.tgt
+        self.name = f"{self.source}-{self.target}"
+        self.translator = translator
+        self.worker = BatchingWorker(self.name, translator, limits, metrics)
+
+
+def create_app(
+    translators: list[Translator],
+    limits: ServeLimits = ServeLimits(),
+    api_key: str | None = None,
+    cors_origin: str | None = None,
+) -> FastAPI:
+    """The FastAPI application serving `translators`, keyed by their language pair."""
+    metrics = Metrics()
+    models: dict[str, Model] = {}
+    for translator in translators:
+        model = Model(translator, limits, metrics)
+        if model.name in models:
+            raise MTError(f"two models for {model.name}: serve one model per language pair")
+        models[model.name] = model
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for model in models.values():  # after the last request: finish what is queued
+            await asyncio.to_thread(model.worker.stop)
+
+    app = FastAPI(
+        title="mt translation server",
+        description="LibreTranslate-compatible `/translate` and `/languages`, and mt's own `/v1/translate`.",
+        version="1",
+        lifespan=lifespan,
+    )
+    if cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"])
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(request, metrics, str(exc), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(request, metrics, str(exc.detail), exc.status_code)
+
+    def pick(source: Any, target: Any) -> Model:
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise RequestError("source and target: expected language codes (strings), e.g. de and en")
+        if source == "auto":
+            matches = [m for m in models.values() if m.target == target]
+            if len(matches) == 1:
+                return matches[0]
+            raise RequestError(f"source auto: {len(matches)} models translate into {target!r}; name the source")
+        model = models.get(f"{source}-{target}")
+        if model is None:
+            raise RequestError(f"no model for {source}-{target}; this server has {', '.join(models)}")
+        return model
+
+    def check_key(request: Request, body: dict[str, Any]) -> None:
+        if api_key is None:
+            return
+        given = body.get("api_key") or request.headers.get("x-api-key") or ""
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:]
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise RequestError("invalid or missing API key", 403)
+
+    async def run(model: Model, job: Job) -> Any:
+        try:
+            return await asyncio.wrap_future(model.worker.submit(job))
+        except MTError as exc:  # e.g. a beam wider than the vocabulary
+            raise RequestError(str(exc)) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("mt").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", summary="Liveness, and the served models")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(models)}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics_text() -> PlainTextResponse:
+        queued = {name: model.worker.jobs.qsize() for name, model in models.items()}
+        return PlainTextResponse(metrics.render(queued), media_type="text/plain; version=0.0.4")
+
+    @app.get("/languages", summary="LibreTranslate: the languages and their targets")
+    async def languages() -> list[dict[str, Any]]:
+        targets: dict[str, list[str]] = {}
+        for model in models.values():
+            targets.setdefault(model.source, []).append(model.target)
+        return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": t} for c, t in sorted(targets.items())]
+
+    @app.post("/translate", summary="LibreTranslate: translate q (a string or a list of strings)")
+    async def libretranslate(request: Request) -> JSONResponse:
+        started, body = time.monotonic(), await _body(request)
+        check_key(request, body)
+        model = pick(body.get("source"), body.get("target"))
+        q = body.get("q")
+        segments = _segments(q, "q", limits)
+        if body.get("format", "text") != "text":
+            raise RequestError("format: only text is supported")
+        alternatives = _integer(body.get("alternatives", 0), "alternatives", 0, limits.max_beam - 1)
+        options = model.translator.options()
+        if alternatives:
+            options = replace(options, beam=max(options.beam, alternatives + 1), nbest=alternatives + 1)
+        found = await run(model, Job(segments, options))
+        texts = [hyps[0].text for hyps in found]
+        answer: dict[str, Any] = {"translatedText": texts if isinstance(q, list) else texts[0]}
+        if alternatives:
+            others = [[h.text for h in hyps[1:]] for hyps in found]
+            answer["alternatives"] = others if isinstance(q, list) else others[0]
+        return _ok(request, metrics, answer, started)
+
+    @app.post("/v1/translate", summary="Segments and decoding options -> one result per segment, in order")
+    async def translate_v1(request: Request) -> JSONResponse:
+        started, body = time.monotonic(), await _body(request)
+        check_key(request, body)
+        known = {"segments", "source", "target", "beam", "length_penalty", "nbest", "attention", "alignment"}
+        unknown = sorted(set(body) - known - {"api_key"})
+        if unknown:
+            raise RequestError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        model = pick(body.get("source"), body.get("target"))
+        segments = _segments(body.get("segments"), "segments", limits, require_list=True)
+        options = _options(model.translator.options(), body, limits)
+        attention, alignment = _flag(body, "attention"), _flag(body, "alignment")
+        if (attention or alignment) and len(segments) > 1:
+            raise RequestError("attention and alignment: one segment per request")
+        if attention or alignment:
+            results = [await _attention_result(run, model, segments[0], options, attention, alignment)]
+        else:
+            found = await run(model, Job(segments, options))
+            results = [_result(hyps, options) for hyps in found]
+        return _ok(request, metrics, {"model": model.name, "results": results}, started)
+
+    return app
+
+
+def _result(hyps: list, options: DecodeOptions) -> dict[str, Any]:
+    result: dict[str, Any] = {"translation": hyps[0].text, "score": hyps[0].score}
+    if options.nbest > 1:
+        result["nbest"] = [{"translation": h.text, "score": h.score} for h in hyps]
+    return result
+
+
+async def _attention_result(run, model: Model, segment: str, options, attention: bool, alignment: bool) -> dict:
+    if not segment.strip():
+        return {"translation": "", "score": 0.0}
+    weights, src_pieces, tgt_pieces, text = await run(model, Job([segment], options, attention=True))
+    result: dict[str, Any] = {"translation": text, "source_pieces": src_pieces, "target_pieces": tgt_pieces}
+    if attention:  # (layers, heads, target pieces, source pieces), to 4 decimals: enough to draw
+        result["attention"] = weights.mul(10_000).round().div(10_000).tolist()
+    if alignment:  # each target piece to the source piece the last layer attends to most (heads averaged)
+        best = weights[-1].mean(dim=0).argmax(dim=-1).tolist()
+        result["alignment"] = [[t, s] for t, s in enumerate(best)]
+    return result
+
+
+def _options(defaults: DecodeOptions, body: dict[str, Any], limits: ServeLimits) -> DecodeOptions:
+    beam = _integer(body.get("beam", defaults.beam), "beam", 1, limits.max_beam)
+    nbest = _integer(body.get("nbest", 1), "nbest", 1, beam)
+    penalty = body.get("length_penalty", defaults.length_penalty)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty <= 5:
+        raise RequestError("length_penalty: expected a number between 0 and 5")
+    return replace(defaults, beam=beam, nbest=nbest, length_penalty=float(penalty))
+
+
+def _segments(value: Any, name: str, limits: ServeLimits, require_list: bool = False) -> list[str]:
+    segments = value if isinstance(value, list) else None if require_list else [value]
+    if segments is None or not all(isinstance(s, str) for s in segments):
+        kind = "a list of strings" if require_list else "a string or a list of strings"
+        raise RequestError(f"{name}: expected {kind}")
+    if not segments:
+        raise RequestError(f"{name}: empty list")
+    if len(segments) > limits.max_segments:
+        raise RequestError(f"{name}: {len(segments)} segments, at most {limits.max_segments} per request", 413)
+    longest = max(len(s) for s in segments)
+    if longest > limits.max_chars:
+        raise RequestError(f"{name}: a segment of {longest} characters, at most {limits.max_chars}", 413)
+    return segments
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():  # form bodies carry text
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name}: expected a whole number from {low} to {high}")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name}: expected true or false")
+    return value
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """A JSON object, or form fields (urlencoded or multipart), as LibreTranslate accepts."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if kind == "application/x-www-form-urlencoded":
+        try:
+            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(raw), errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise RequestError("the form body is not valid urlencoded UTF-8") from None
+        return _form(pairs)
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form()
+        except Exception as exc:  # python-multipart's errors vary by version
+            raise RequestError(f"the multipart body cannot be read ({exc})") from None
+        return _form([(k, v) for k, v in form.multi_items() if isinstance(v, str)])
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    return body
+
+
+def _form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key, value in pairs:
+        if key == "q" and "q" in body:  # q repeated: several segments
+            body["q"] = [*body["q"], value] if isinstance(body["q"], list) else [body["q"], value]
+        else:
+            body[key] = value
+    return body
+
+
+def _ok(request: Request, metrics: Metrics, answer: dict[str, Any], started: float) -> JSONResponse:
+    metrics.request(request.url.path, 200, time.monotonic() - started)
+    return JSONResponse(answer)
+
+
+def _error(request: Request, metrics: Metrics, message: str, status: int) -> JSONResponse:
+    metrics.request(request.url.path, status, 0.0)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class _BodyLimit:
+    """Refuse a request body over `max_bytes` with 413, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise RequestError(f"the body is larger than {self.max_bytes} bytes", 413)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except RequestError:  # raised while the body streamed in, before any answer was started
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": f"the body is larger than {self.max_bytes} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with mt's signal handling: uvicorn's own re-raises SIGTERM once it has shut
+    down, which would end the process by that signal instead of with exit code 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run `app` until SIGINT/SIGTERM: then stop accepting, answer the requests in progress, return."""
+    mt_log = logging.getLogger("mt")
+    for name in ("uvicorn", "uvicorn.error"):  # uvicorn's lines go where mt's go: stderr
+        logging.getLogger(name).handlers = list(mt_log.handlers)
+        logging.getLogger(name).setLevel(mt_log.level)
+        logging.getLogger(name).propagate = False
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this address can use the server", host)
+
+    def stop(number: int, frame) -> None:
+        log.info("%s received: answering the requests in progress, then stopping", signal.Signals(number).name)
+        server.should_exit = True
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, stop)
+    server.run()
