@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: Literal["unigram", "bpe"] = "unigram"
+    type: Literal["unigram", "bpe"] = "bpe"  # bpe trains on the whole corpus in bounded memory (mt.tokenizer)
     vocab_size: int = 8000
     joint: bool = True  # one vocabulary for both languages (enables tied embeddings)
     character_coverage: float = 1.0

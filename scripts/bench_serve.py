@@ -40,9 +40,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run_dir: Path, port: int, beam: int) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, max_wait_ms: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "mt", "--quiet", "serve", str(run_dir), "--port", str(port), "--device", "cpu"]
+    command += ["--max-wait-ms", str(max_wait_ms)]
     process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -152,6 +153,16 @@ def abuse(port: int, lines: list[str], count: int, pair: tuple[str, str], want: 
     print(f"server RSS before {rss_before / 1024:.0f} MB, after {rss_kb(pid) / 1024:.0f} MB")
 
 
+def batch_count(port: int) -> int:
+    """Decoded batches so far, from the server's /metrics."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/metrics")
+    for line in connection.getresponse().read().decode().splitlines():
+        if line.startswith("mt_batch_segments_count"):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -167,6 +178,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--abuse", type=int, default=0, help="send this many mostly malformed requests")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
     args = parser.parse_args()
 
     lines = [line.strip() for line in args.source.read_text(encoding="utf-8").splitlines()][: args.sentences]
@@ -175,16 +187,19 @@ def main() -> None:
         raise SystemExit(f"the model's decode.beam is {translator.options().beam}; run with --beam that, or tune it")
     pair = (translator.config.data.src, translator.config.data.tgt)
     port = free_port()
-    server = start_server(args.run_dir, port, args.beam)
+    server = start_server(args.run_dir, port, args.max_wait_ms)
     try:
         print(f"{len(lines)} sentences, beam {args.beam}, server pid {server.pid}, torch threads per process: default")
         results = []
         for clients in args.clients:
+            batches_before = batch_count(port)
             result = run_clients(port, lines, clients, pair)
             results.append(result)
+            batches = batch_count(port) - batches_before
             print(
                 f"{clients:3d} clients: {result['sentences_per_s']:7.1f} sentences/s, p50 {result['p50_ms']:7.1f} ms, "
-                f"p95 {result['p95_ms']:7.1f} ms, p99 {result['p99_ms']:7.1f} ms, failed {result['failed']}"
+                f"p95 {result['p95_ms']:7.1f} ms, p99 {result['p99_ms']:7.1f} ms, failed {result['failed']}, "
+                f"{len(lines) / batches:.1f} segments per decoded batch"
             )
         started = time.perf_counter()
         batch = [found[0].text for found in translator.translate(lines)]

@@ -1,5 +1,6 @@
 """`mt serve`: the API in-process (FastAPI's test client), the batching worker, every error case."""
 
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,11 +9,14 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+import yaml
+from conftest import run_mt
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from mt.errors import MTError  # noqa: E402
 from mt.server import create_app  # noqa: E402
 from mt.serving import BatchingWorker, Job, Metrics, ServeLimits  # noqa: E402
 from mt.translate import Translation, Translator  # noqa: E402
@@ -231,3 +235,29 @@ def test_concurrent_clients_get_their_own_results_in_order(client, translator):
 
     with ThreadPoolExecutor(8) as pool:
         assert len(list(pool.map(one_client, range(8)))) == 8
+
+
+def test_several_models_by_pair_and_a_ctranslate2_export(translator, tmp_path):
+    pytest.importorskip("ctranslate2")
+    run_mt("export", str(RUN), "--quantization", "float32", "-o", str(tmp_path / "export"))
+    other = tmp_path / "other"
+    shutil.copytree(RUN, other)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["data"].update(src="xx", tgt="yy")  # another pair, as a second model would have
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    exported = Translator(tmp_path / "export", device="cpu")
+    with pytest.raises(MTError, match="two models for src-tgt"):
+        create_app([translator, exported])
+    with TestClient(create_app([exported, Translator(other, device="cpu")])) as client:
+        languages = client.get("/languages").json()
+        assert languages == [
+            {"code": "src", "name": "src", "targets": ["tgt"]},
+            {"code": "xx", "name": "xx", "targets": ["yy"]},
+        ]
+        answer = client.post("/translate", json={"q": LINES, "source": "src", "target": "tgt"}).json()
+        assert answer["translatedText"] == expected(exported, LINES)
+        assert client.post("/translate", json={"q": LINES[0], "source": "xx", "target": "yy"}).status_code == 200
+        refused = client.post(
+            "/v1/translate", json={"segments": ["1"], "source": "src", "target": "tgt", "attention": True}
+        )
+        assert refused.status_code == 400 and "CTranslate2 export" in refused.json()["error"]
