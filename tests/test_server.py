@@ -1,6 +1,7 @@
 """`mt serve`: the API in-process (FastAPI's test client), the batching worker, every error case."""
 
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -261,3 +262,9 @@ def test_several_models_by_pair_and_a_ctranslate2_export(translator, tmp_path):
             "/v1/translate", json={"segments": ["1"], "source": "src", "target": "tgt", "attention": True}
         )
         assert refused.status_code == 400 and "CTranslate2 export" in refused.json()["error"]
+
+
+def test_mt_serve_without_its_extra_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install 'mt[serve]'` was not run
+    result = run_mt("serve", str(RUN), check=False)
+    assert result.returncode == 2 and "pip install 'mt[serve]'" in result.stderr
