@@ -262,8 +262,10 @@ async def _body(request: Request) -> dict[str, Any]:
     if kind == "application/x-www-form-urlencoded":
         try:
             pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(raw), errors="strict")
-        except (UnicodeDecodeError, ValueError):
-            raise RequestError("the form body is not valid urlencoded UTF-8") from None
+        except UnicodeDecodeError:
+            raise RequestError("the form body is not UTF-8 (after %-decoding)") from None
+        except ValueError:
+            raise RequestError("the form body is not key=value pairs (JSON needs a JSON content type)") from None
         return _form(pairs)
     if kind == "multipart/form-data":
         try:

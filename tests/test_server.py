@@ -110,6 +110,11 @@ def test_native_endpoint_nbest_scores_attention_and_alignment(client, translator
             400,
             "UTF-8",
         ),
+        (
+            {"content": b"{bad", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+            400,
+            "not key=value pairs",
+        ),
         ({"content": b"x" * 5000, "headers": {"content-type": "application/json"}}, 413, "larger than 4096 bytes"),
     ],
 )
