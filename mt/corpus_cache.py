@@ -17,9 +17,12 @@ import json
 import logging
 import mmap
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -51,10 +54,9 @@ class EncodedCorpus:
     def __init__(self, cache_dir: Path, split: str):
         meta = json.loads((cache_dir / f"{split}.json").read_text())
         dtype = np.dtype(meta["dtype"])
-        lengths = np.load(cache_dir / f"{split}.lengths.npy")
+        lengths = _load_lengths(cache_dir / f"{split}.lengths.npy")
         self.src_piece_counts, self.tgt_piece_counts = lengths[:, 0], lengths[:, 1]
-        self.src_offsets = np.concatenate([[0], np.cumsum(self.src_piece_counts, dtype=np.int64)])
-        self.tgt_offsets = np.concatenate([[0], np.cumsum(self.tgt_piece_counts, dtype=np.int64)])
+        self.src_offsets, self.tgt_offsets = _offsets(self.src_piece_counts), _offsets(self.tgt_piece_counts)
         self.src_ids = self._map(cache_dir / f"{split}.src.bin", dtype)
         self.tgt_ids = self._map(cache_dir / f"{split}.tgt.bin", dtype)
         self._texts_path = cache_dir / f"{split}.tgt.txt"
@@ -113,6 +115,30 @@ class EncodedCorpus:
             mapping = getattr(ids, "_mmap", None)
             if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
                 mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _load_lengths(path: Path) -> np.ndarray:
+    """The (pairs, 2) piece counts, memory-mapped (an empty split cannot be mapped: read)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:
+        return np.load(path)
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """Where each sentence starts in its id file (and the end): uint32 while the ids fit, int64 beyond."""
+    total = int(counts.sum(dtype=np.int64))
+    offsets = np.zeros(len(counts) + 1, dtype=np.uint32 if total <= np.iinfo(np.uint32).max else np.int64)
+    np.cumsum(counts, dtype=offsets.dtype, out=offsets[1:])
+    return offsets
+
+
+def _write_lengths(handle, raw: BinaryIO, pairs: int) -> None:
+    """`{split}.lengths.npy` from the raw int32 (pairs, 2) counts streamed to `raw`, without loading them."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False, "shape": (pairs, 2)}
+    np.lib.format.write_array_header_1_0(handle, header)
+    raw.seek(0)
+    shutil.copyfileobj(raw, handle, 1 << 20)
 
 
 def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -183,15 +209,19 @@ def prepare_corpus(
     dtype = np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32)
     encoding = _Encoding(tokenizer, dtype, max_length, max_length_ratio, texts)
 
-    def write_both(src_handle) -> None:
-        pairs = iter_pairs(src_path, tgt_path, errors)
-        atomic_write(
-            cache_dir / f"{split}.tgt.bin", lambda tgt_handle: encoding.run(pairs, src_handle, tgt_handle, split)
-        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=cache_dir) as raw_lengths:  # streamed, so memory stays flat in corpus size
 
-    atomic_write(cache_dir / f"{split}.src.bin", write_both)
-    lengths = np.concatenate(encoding.lengths) if encoding.lengths else np.zeros((0, 2), dtype=np.int32)
-    atomic_write(cache_dir / f"{split}.lengths.npy", lambda handle: np.save(handle, lengths))
+        def write_both(src_handle) -> None:
+            pairs = iter_pairs(src_path, tgt_path, errors)
+            atomic_write(
+                cache_dir / f"{split}.tgt.bin",
+                lambda tgt_handle: encoding.run(pairs, src_handle, tgt_handle, raw_lengths, split),
+            )
+
+        atomic_write(cache_dir / f"{split}.src.bin", write_both)
+        lengths_path = cache_dir / f"{split}.lengths.npy"
+        atomic_write(lengths_path, lambda handle: _write_lengths(handle, raw_lengths, encoding.pairs))
     if texts:
         atomic_write_text(cache_dir / f"{split}.tgt.txt", "".join(line + "\n" for line in encoding.kept_targets))
     if encoding.too_long:
@@ -206,14 +236,13 @@ def prepare_corpus(
     meta = {
         "key": key,
         "dtype": dtype.name,
-        "pairs": len(lengths),
+        "pairs": encoding.pairs,
         "skipped_too_long": encoding.too_long,
         "skipped_length_ratio": encoding.bad_ratio,
         "sample_sha256": _sample_digest(cache_dir, split),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-    pieces = (int(lengths[:, 0].sum()), int(lengths[:, 1].sum()))
-    log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, len(lengths), split, *pieces)
+    log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, encoding.pairs, split, *encoding.pieces)
     return EncodedCorpus(cache_dir, split)
 
 
@@ -236,11 +265,11 @@ def _sample_digest(cache_dir: Path, split: str) -> str:
 def _damage(cache_dir: Path, split: str, meta: dict) -> str | None:
     """Why the cached split cannot be reused as it is (sizes against its lengths, sampled checksum), or None."""
     try:
-        lengths = np.load(cache_dir / f"{split}.lengths.npy")
+        lengths = _load_lengths(cache_dir / f"{split}.lengths.npy")
         itemsize = np.dtype(meta["dtype"]).itemsize
         for side, column in (("src", 0), ("tgt", 1)):
             path = cache_dir / f"{split}.{side}.bin"
-            if path.stat().st_size != int(lengths[:, column].sum()) * itemsize:
+            if path.stat().st_size != int(lengths[:, column].sum(dtype=np.int64)) * itemsize:
                 return f"{path.name} has {path.stat().st_size} bytes, its lengths say otherwise"
         if len(lengths) != meta.get("pairs", len(lengths)):
             return f"{split}.lengths.npy holds {len(lengths)} pairs, not {meta['pairs']}"
@@ -301,7 +330,7 @@ class _Encoding:
     ):
         self.tokenizer, self.dtype, self.texts = tokenizer, dtype, texts
         self.max_length, self.max_length_ratio = max_length, max_length_ratio
-        self.lengths: list[np.ndarray] = []
+        self.pairs, self.pieces = 0, [0, 0]  # kept pairs, and their source and target pieces
         self.kept_targets: list[str] = []
         self.too_long = self.bad_ratio = 0
 
@@ -316,7 +345,7 @@ class _Encoding:
             keep &= ratio_ok
         return keep
 
-    def run(self, pairs: Iterator[tuple[str, str]], src_handle, tgt_handle, split: str) -> None:
+    def run(self, pairs: Iterator[tuple[str, str]], src_handle, tgt_handle, lengths_handle, split: str) -> None:
         threads = _cpu_count()
         bar = progress_bar(desc=f"encoding {split}", unit=" pairs", unit_scale=True, leave=False)
         for chunk in _chunks(pairs, CHUNK_PAIRS):
@@ -328,7 +357,10 @@ class _Encoding:
             for handle, ids in ((src_handle, src_ids), (tgt_handle, tgt_ids)):
                 flat = chain.from_iterable(seq for seq, k in zip(ids, kept) if k)
                 handle.write(np.fromiter(flat, dtype=self.dtype).tobytes())
-            self.lengths.append(counts[keep])
+            kept_counts = counts[keep]
+            lengths_handle.write(kept_counts.tobytes())
+            self.pairs += len(kept_counts)
+            self.pieces = [total + int(n) for total, n in zip(self.pieces, kept_counts.sum(axis=0, dtype=np.int64))]
             if self.texts:
                 self.kept_targets.extend(t for (_, t), k in zip(chunk, kept) if k)
             bar.update(len(chunk))

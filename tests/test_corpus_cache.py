@@ -1,5 +1,6 @@
 """The encoded corpus cache: exact ids, padded batches, reuse and rebuild."""
 
+import io
 import logging
 import random
 
@@ -8,7 +9,7 @@ import pytest
 
 from mt.batching import collate, make_batches
 from mt.config import TokenizerConfig
-from mt.corpus_cache import prepare_corpus
+from mt.corpus_cache import _write_lengths, prepare_corpus
 from mt.tokenizer import prepare_tokenizer
 
 
@@ -117,3 +118,12 @@ def test_a_damaged_cache_is_encoded_again_not_reused(tmp_path, corpus_files, cap
         again = prepare_corpus(cache, "train", src_path, tgt_path, tokenizer, max_length=None)
     assert "is damaged" in caplog.text and "reusing" not in caplog.text
     assert [again.src_sentence(i) for i in range(len(again))] == expected
+
+
+def test_streamed_lengths_file_is_byte_for_byte_what_numpy_saves(tmp_path):
+    """Lengths are streamed to disk while encoding; the file must stay the `.npy` earlier caches hold."""
+    lengths = np.array([[3, 4], [10, 12], [1, 1]], dtype=np.int32)
+    raw, streamed, saved = io.BytesIO(lengths.tobytes()), io.BytesIO(), io.BytesIO()
+    _write_lengths(streamed, raw, len(lengths))
+    np.save(saved, lengths)
+    assert streamed.getvalue() == saved.getvalue()
