@@ -26,11 +26,13 @@ def make_batches(
     A single pair longer than `max_tokens` gets a batch of its own. Each batch is an int64 array
     of indices (views into one sorted order, so millions of pairs cost a few bytes each).
     """
-    src, tgt = np.asarray(src_lengths, dtype=np.int64), np.asarray(tgt_lengths, dtype=np.int64)
+    src, tgt = np.asarray(src_lengths), np.asarray(tgt_lengths)
     rng = np.random.default_rng(seed) if seed is not None else None
     order = rng.permutation(len(src)) if rng is not None else np.arange(len(src))
-    order = order[np.lexsort((tgt[order], src[order]))]  # a stable sort: equal lengths keep the random order
-    longest_in_order = np.maximum(src, tgt)[order]
+    if len(src) < 2**31:  # 4-byte indices: millions of pairs, a few bytes each
+        order = order.astype(np.int32)
+    order = order[_by_length(src, tgt, order)]  # a stable sort: equal lengths keep the random order
+    longest_in_order = np.maximum(src[order], tgt[order])
     boundaries, count, longest = [], 0, 0
     for start in range(0, len(order), _CHUNK):
         for position, length in enumerate(longest_in_order[start : start + _CHUNK].tolist(), start):
@@ -43,6 +45,14 @@ def make_batches(
     if rng is not None:
         rng.shuffle(batches)
     return batches
+
+
+def _by_length(src: np.ndarray, tgt: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Positions in `order` sorted by (source, target) length, stably: one 4-byte key where lengths fit."""
+    if len(src) and max(int(src.max()), int(tgt.max())) < 1 << 16 and min(int(src.min()), int(tgt.min())) >= 0:
+        key = (src[order].astype(np.uint32) << 16) | tgt[order].astype(np.uint32)
+        return np.argsort(key, kind="stable")
+    return np.lexsort((tgt[order], src[order]))
 
 
 def pad(sequences: Sequence[Sequence[int]], prefix: Sequence[int] = (), suffix: Sequence[int] = ()) -> Tensor:
