@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,21 @@ def test_batches_cover_every_pair_once_within_the_token_bound():
     as_lists = [b.tolist() for b in batches]
     assert [b.tolist() for b in make_batches(src, tgt, 300, seed=3)] == as_lists
     assert [b.tolist() for b in make_batches(src, tgt, 300, seed=4)] != as_lists
+
+
+@pytest.mark.parametrize("longest", [60, 70_000])  # one packed 4-byte key, and the lexsort beyond 16 bits
+def test_batches_follow_a_stable_sort_by_source_then_target_length(longest):
+    generator = torch.Generator().manual_seed(1)
+    src = torch.randint(1, longest, (2000,), generator=generator).numpy()
+    tgt = torch.randint(1, longest, (2000,), generator=generator).numpy()
+    unseeded = make_batches(src, tgt, max_tokens=10**9, seed=None)  # one batch: the sorted order itself
+    assert len(unseeded) == 1 and np.array_equal(unseeded[0], np.lexsort((tgt, src)))
+    # seeded, with a bound so tiny that every pair is its own batch: the same random tie order, then shuffled
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(src))
+    reference = np.split(order[np.lexsort((tgt[order], src[order]))], len(src))
+    rng.shuffle(reference)
+    assert [b.tolist() for b in make_batches(src, tgt, max_tokens=1, seed=5)] == [b.tolist() for b in reference]
 
 
 def test_an_overlong_pair_gets_its_own_batch():
