@@ -102,6 +102,11 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(request, metrics, str(exc.detail), exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # a bug, not the request's fault
+        log.exception("%s failed", request.url.path)
+        return _error(request, metrics, f"internal error ({type(exc).__name__}); see the server's log", 500)
+
     def pick(source: Any, target: Any) -> Model:
         if not isinstance(source, str) or not isinstance(target, str):
             raise RequestError("source and target: expected language codes (strings), e.g. de and en")

@@ -273,3 +273,18 @@ def test_mt_serve_without_its_extra_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install 'mt[serve]'` was not run
     result = run_mt("serve", str(RUN), check=False)
     assert result.returncode == 2 and "pip install 'mt[serve]'" in result.stderr
+
+
+def test_a_failure_inside_the_model_is_a_json_500_and_the_worker_lives_on(translator, monkeypatch):
+    with TestClient(create_app([translator]), raise_server_exceptions=False) as client:
+        body = {"q": "1 2", "source": "src", "target": "tgt"}
+        real = translator.translate_chunks
+
+        def broken(chunks, options):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(translator, "translate_chunks", broken)
+        answer = client.post("/translate", json=body)
+        assert answer.status_code == 500 and "internal error (RuntimeError)" in answer.json()["error"]
+        monkeypatch.setattr(translator, "translate_chunks", real)
+        assert client.post("/translate", json=body).status_code == 200
