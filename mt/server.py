@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import Tensor
 
 from mt.decoding import DecodeOptions
 from mt.errors import MTError
@@ -63,6 +64,97 @@ class Model:
         self.worker = BatchingWorker(self.name, translator, limits, metrics)
 
 
+class Service:
+    """The served models and what a request may ask of them; HTTP-free apart from the key's headers."""
+
+    def __init__(self, translators: list[Translator], limits: ServeLimits, api_key: str | None):
+        self.limits, self.api_key, self.metrics = limits, api_key, Metrics()
+        self.models: dict[str, Model] = {}
+        for translator in translators:
+            model = Model(translator, limits, self.metrics)
+            if model.name in self.models:
+                raise MTError(f"two models for {model.name}: serve one model per language pair")
+            self.models[model.name] = model
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the workers."""
+        for model in self.models.values():
+            model.worker.stop()
+
+    def languages(self) -> list[dict[str, Any]]:
+        targets: dict[str, list[str]] = {}
+        for model in self.models.values():
+            targets.setdefault(model.source, []).append(model.target)
+        return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": t} for c, t in sorted(targets.items())]
+
+    def pick(self, source: Any, target: Any) -> Model:
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise RequestError("source and target: expected language codes (strings), e.g. de and en")
+        if source == "auto":
+            matches = [m for m in self.models.values() if m.target == target]
+            if len(matches) == 1:
+                return matches[0]
+            raise RequestError(f"source auto: {len(matches)} models translate into {target!r}; name the source")
+        model = self.models.get(f"{source}-{target}")
+        if model is None:
+            raise RequestError(f"no model for {source}-{target}; this server has {', '.join(self.models)}")
+        return model
+
+    def check_key(self, body: dict[str, Any], headers: Any) -> None:
+        """The API key from the body's `api_key`, an X-API-Key or a Bearer header, compared in constant time."""
+        if self.api_key is None:
+            return
+        given = body.get("api_key") or headers.get("x-api-key") or ""
+        bearer = headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:]
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise RequestError("invalid or missing API key", 403)
+
+    async def run(self, model: Model, job: Job) -> Any:
+        try:
+            return await asyncio.wrap_future(model.worker.submit(job))
+        except MTError as exc:  # e.g. a beam wider than the vocabulary
+            raise RequestError(str(exc)) from None
+
+    async def libretranslate(self, body: dict[str, Any]) -> dict[str, Any]:
+        model = self.pick(body.get("source"), body.get("target"))
+        q = body.get("q")
+        segments = _segments(q, "q", self.limits)
+        if body.get("format", "text") != "text":
+            raise RequestError("format: only text is supported")
+        alternatives = _integer(body.get("alternatives", 0), "alternatives", 0, self.limits.max_beam - 1)
+        options = model.translator.options()
+        if alternatives:
+            options = replace(options, beam=max(options.beam, alternatives + 1), nbest=alternatives + 1)
+        found = await self.run(model, Job(segments, options))
+        texts = [hyps[0].text for hyps in found]
+        answer: dict[str, Any] = {"translatedText": texts if isinstance(q, list) else texts[0]}
+        if alternatives:
+            others = [[h.text for h in hyps[1:]] for hyps in found]
+            answer["alternatives"] = others if isinstance(q, list) else others[0]
+        return answer
+
+    async def translate_v1(self, body: dict[str, Any]) -> dict[str, Any]:
+        known = {"segments", "source", "target", "beam", "length_penalty", "nbest", "attention", "alignment"}
+        unknown = sorted(set(body) - known - {"api_key"})
+        if unknown:
+            raise RequestError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        model = self.pick(body.get("source"), body.get("target"))
+        segments = _segments(body.get("segments"), "segments", self.limits, require_list=True)
+        options = _options(model.translator.options(), body, self.limits)
+        attention, alignment = _flag(body, "attention"), _flag(body, "alignment")
+        if not (attention or alignment):
+            found = await self.run(model, Job(segments, options))
+            return {"model": model.name, "results": [_result(hyps, options) for hyps in found]}
+        if len(segments) > 1:
+            raise RequestError("attention and alignment: one segment per request")
+        if not segments[0].strip():
+            return {"model": model.name, "results": [{"translation": "", "score": 0.0}]}
+        found = await self.run(model, Job(segments, options, attention=True))
+        return {"model": model.name, "results": [_attention_result(*found, attention, alignment)]}
+
+
 def create_app(
     translators: list[Translator],
     limits: ServeLimits = ServeLimits(),
@@ -70,19 +162,13 @@ def create_app(
     cors_origin: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `translators`, keyed by their language pair."""
-    metrics = Metrics()
-    models: dict[str, Model] = {}
-    for translator in translators:
-        model = Model(translator, limits, metrics)
-        if model.name in models:
-            raise MTError(f"two models for {model.name}: serve one model per language pair")
-        models[model.name] = model
+    service = Service(translators, limits, api_key)
+    metrics = service.metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        for model in models.values():  # after the last request: finish what is queued
-            await asyncio.to_thread(model.worker.stop)
+        await asyncio.to_thread(service.stop)  # after the last request
 
     app = FastAPI(
         title="mt translation server",
@@ -107,96 +193,34 @@ def create_app(
         log.exception("%s failed", request.url.path)
         return _error(request, metrics, f"internal error ({type(exc).__name__}); see the server's log", 500)
 
-    def pick(source: Any, target: Any) -> Model:
-        if not isinstance(source, str) or not isinstance(target, str):
-            raise RequestError("source and target: expected language codes (strings), e.g. de and en")
-        if source == "auto":
-            matches = [m for m in models.values() if m.target == target]
-            if len(matches) == 1:
-                return matches[0]
-            raise RequestError(f"source auto: {len(matches)} models translate into {target!r}; name the source")
-        model = models.get(f"{source}-{target}")
-        if model is None:
-            raise RequestError(f"no model for {source}-{target}; this server has {', '.join(models)}")
-        return model
-
-    def check_key(request: Request, body: dict[str, Any]) -> None:
-        if api_key is None:
-            return
-        given = body.get("api_key") or request.headers.get("x-api-key") or ""
-        bearer = request.headers.get("authorization", "")
-        if not given and bearer.lower().startswith("bearer "):
-            given = bearer[7:]
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise RequestError("invalid or missing API key", 403)
-
-    async def run(model: Model, job: Job) -> Any:
-        try:
-            return await asyncio.wrap_future(model.worker.submit(job))
-        except MTError as exc:  # e.g. a beam wider than the vocabulary
-            raise RequestError(str(exc)) from None
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("mt").joinpath("static/index.html").read_text(encoding="utf-8"))
 
     @app.get("/health", summary="Liveness, and the served models")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models)}
+        return {"status": "ok", "models": list(service.models)}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics_text() -> PlainTextResponse:
-        queued = {name: model.worker.jobs.qsize() for name, model in models.items()}
+        queued = {name: model.worker.jobs.qsize() for name, model in service.models.items()}
         return PlainTextResponse(metrics.render(queued), media_type="text/plain; version=0.0.4")
 
     @app.get("/languages", summary="LibreTranslate: the languages and their targets")
     async def languages() -> list[dict[str, Any]]:
-        targets: dict[str, list[str]] = {}
-        for model in models.values():
-            targets.setdefault(model.source, []).append(model.target)
-        return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": t} for c, t in sorted(targets.items())]
+        return service.languages()
 
     @app.post("/translate", summary="LibreTranslate: translate q (a string or a list of strings)")
     async def libretranslate(request: Request) -> JSONResponse:
         started, body = time.monotonic(), await _body(request)
-        check_key(request, body)
-        model = pick(body.get("source"), body.get("target"))
-        q = body.get("q")
-        segments = _segments(q, "q", limits)
-        if body.get("format", "text") != "text":
-            raise RequestError("format: only text is supported")
-        alternatives = _integer(body.get("alternatives", 0), "alternatives", 0, limits.max_beam - 1)
-        options = model.translator.options()
-        if alternatives:
-            options = replace(options, beam=max(options.beam, alternatives + 1), nbest=alternatives + 1)
-        found = await run(model, Job(segments, options))
-        texts = [hyps[0].text for hyps in found]
-        answer: dict[str, Any] = {"translatedText": texts if isinstance(q, list) else texts[0]}
-        if alternatives:
-            others = [[h.text for h in hyps[1:]] for hyps in found]
-            answer["alternatives"] = others if isinstance(q, list) else others[0]
-        return _ok(request, metrics, answer, started)
+        service.check_key(body, request.headers)
+        return _ok(request, metrics, await service.libretranslate(body), started)
 
     @app.post("/v1/translate", summary="Segments and decoding options -> one result per segment, in order")
     async def translate_v1(request: Request) -> JSONResponse:
         started, body = time.monotonic(), await _body(request)
-        check_key(request, body)
-        known = {"segments", "source", "target", "beam", "length_penalty", "nbest", "attention", "alignment"}
-        unknown = sorted(set(body) - known - {"api_key"})
-        if unknown:
-            raise RequestError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        model = pick(body.get("source"), body.get("target"))
-        segments = _segments(body.get("segments"), "segments", limits, require_list=True)
-        options = _options(model.translator.options(), body, limits)
-        attention, alignment = _flag(body, "attention"), _flag(body, "alignment")
-        if (attention or alignment) and len(segments) > 1:
-            raise RequestError("attention and alignment: one segment per request")
-        if attention or alignment:
-            results = [await _attention_result(run, model, segments[0], options, attention, alignment)]
-        else:
-            found = await run(model, Job(segments, options))
-            results = [_result(hyps, options) for hyps in found]
-        return _ok(request, metrics, {"model": model.name, "results": results}, started)
+        service.check_key(body, request.headers)
+        return _ok(request, metrics, await service.translate_v1(body), started)
 
     return app
 
@@ -208,10 +232,10 @@ def _result(hyps: list, options: DecodeOptions) -> dict[str, Any]:
     return result
 
 
-async def _attention_result(run, model: Model, segment: str, options, attention: bool, alignment: bool) -> dict:
-    if not segment.strip():
-        return {"translation": "", "score": 0.0}
-    weights, src_pieces, tgt_pieces, text = await run(model, Job([segment], options, attention=True))
+def _attention_result(
+    weights: Tensor, src_pieces: list[str], tgt_pieces: list[str], text: str, attention: bool, alignment: bool
+) -> dict:
+    """What `Translator.attention` returned, as JSON: the pieces, and the weights and/or an alignment."""
     result: dict[str, Any] = {"translation": text, "source_pieces": src_pieces, "target_pieces": tgt_pieces}
     if attention:  # (layers, heads, target pieces, source pieces), to 4 decimals: enough to draw
         result["attention"] = weights.mul(10_000).round().div(10_000).tolist()
