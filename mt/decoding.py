@@ -91,6 +91,26 @@ class TorchEngine:
                     results[index] = hyps
         return results
 
+    def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:
+        """Teacher-forced log-probability of each target piece and of the closing EOS, per pair.
+
+        The probabilities search uses: log-softmax over the whole vocabulary, in `options.precision`.
+        """
+        lengths = [max(len(s), len(t)) + 1 for s, t in zip(sources, targets)]
+        results: list[list[float]] = [[] for _ in sources]
+        # rows_per_batch tokens: the (tokens, vocabulary) log-probabilities are what costs memory here
+        for batch in make_batches(lengths, lengths, options.rows_per_batch):
+            src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
+            tgt_in = pad([targets[i] for i in batch], prefix=[BOS]).to(self.device)
+            tgt_out = pad([targets[i] for i in batch], suffix=[EOS]).to(self.device)
+            with torch.inference_mode(), autocast(self.device, options.precision):
+                hidden = self.model(src, tgt_in)
+                log_probs = torch.log_softmax(self.model.logits(hidden).float(), dim=-1)
+            chosen = log_probs.gather(-1, tgt_out[..., None]).squeeze(-1).cpu()
+            for row, index in enumerate(batch):
+                results[index] = chosen[row, : len(targets[index]) + 1].tolist()
+        return results
+
     def cross_attention(self, source: list[int], tokens: list[int]) -> torch.Tensor:
         """Teacher-forced cross-attention of `tokens` over `source`: (layers, heads, len(tokens)+1, len(source)+1)."""
         src = torch.tensor([source + [EOS]], device=self.device)
@@ -110,6 +130,29 @@ def decode(engine: Engine, sources: list[list[int]], options: DecodeOptions) -> 
         if len(ids) > limit:
             log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), limit)
     return engine.search([ids[:limit] for ids in sources], options) if sources else []
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """How likely the model finds a given translation: its log-probability, as beam search scores it."""
+
+    pieces: list[float]  # log P of each target piece given the ones before, the closing EOS last
+    total: float  # their sum: log P(target | source)
+    normalised: float  # total / (pieces + EOS) ** length_penalty, the score beam search ranks by
+
+
+def score(
+    engine: Engine, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions
+) -> list[PairScore]:
+    """Forced scoring of target piece ids (no BOS/EOS) given source ids; each is cut to what the model reads."""
+    if not hasattr(engine, "score"):
+        raise MTError("forced scoring needs a run directory of mt's own model, not a CTranslate2 export")
+    limit = engine.max_source
+    if any(len(ids) > limit for ids in [*sources, *targets]):
+        log.warning("pairs longer than %d pieces (model.max_positions) are scored on their first %d", limit, limit)
+    sources, targets = [ids[:limit] for ids in sources], [ids[:limit] for ids in targets]
+    found = engine.score(sources, targets, options) if sources else []
+    return [PairScore(p, sum(p), sum(p) / len(p) ** options.length_penalty) for p in found]
 
 
 def load_model(run: RunDir, config: Config, tokenizer: Tokenizer, device: torch.device, checkpoint: str) -> Transformer:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mt.config import load_config
 from mt.data import read_lines
-from mt.decoding import DecodeOptions, Engine, TorchEngine, decode, open_engine
+from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, score
 from mt.errors import DataError, MTError
 from mt.progress import progress_bar
 from mt.run_dir import model_dir
@@ -57,6 +57,16 @@ class Translator:
     def translate_ids(self, sources: list[list[int]], options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
         """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order."""
         return decode(self.engine, sources, options or self.options())
+
+    def score(
+        self, sources: list[str], targets: list[str], options: DecodeOptions | None = None, chunk_lines: int = 2000
+    ) -> Iterator[PairScore]:
+        """How likely the model finds each given translation (forced scoring), in input order."""
+        options = options or self.options()
+        for start in range(0, len(sources), chunk_lines):
+            src = self.tokenizer.encode_src([line.strip() for line in sources[start : start + chunk_lines]])
+            tgt = self.tokenizer.encode_tgt([line.strip() for line in targets[start : start + chunk_lines]])
+            yield from score(self.engine, src, tgt, options)
 
     def attention(self, line: str, options: DecodeOptions | None = None) -> tuple[Tensor, list[str], list[str], str]:
         """Translate one line and return the decoder's cross-attention over it.
