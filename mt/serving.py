@@ -1,7 +1,7 @@
 """Serving translations to many clients at once: one worker per model batches concurrent requests.
 
-A request's segments join a queue; the worker takes the oldest request, waits at most
-`max_wait` for more (never longer than the oldest one has already waited), and decodes the
+A request's segments join a queue; the worker takes the oldest request, waits for more until
+`max_wait` after that one arrived (not at all if it has waited that long already), and decodes the
 segments of every request with the same decoding options as one chunk through
 `Translator.translate_chunks`: sorted by length and batched by tokens, the path `mt translate`
 takes. Each request then gets its own results, in order. Nothing here knows of HTTP (mt.server).
@@ -10,7 +10,6 @@ takes. Each request then gets its own results, in order. Nothing here knows of H
 from __future__ import annotations
 
 import bisect
-import logging
 import queue
 import threading
 import time
@@ -21,8 +20,6 @@ from dataclasses import dataclass, field
 
 from mt.decoding import DecodeOptions
 from mt.translate import Translation, Translator
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,8 +86,12 @@ def _by_model(values: dict[str, int]) -> dict[str, int]:
     return {f'model="{m}"': n for m, n in sorted(values.items())}
 
 
+def _header(name: str, kind: str, help_text: str) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
 def _family(name: str, kind: str, help_text: str, samples: dict[str, int]) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *(f"{name}{{{k}}} {n}" for k, n in samples.items())]
+    return [*_header(name, kind, help_text), *(f"{name}{{{k}}} {n}" for k, n in samples.items())]
 
 
 class _Histogram:
@@ -103,7 +104,7 @@ class _Histogram:
         self.count += 1
 
     def render(self, name: str, help_text: str) -> list[str]:
-        lines, running = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
+        lines, running = _header(name, "histogram", help_text), 0
         for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts):
             running += count
             lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
