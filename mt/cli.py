@@ -134,10 +134,20 @@ def train(
     errors: str | None = typer.Option(
         None, help="Invalid UTF-8 in the corpus: strict (fail, naming the line) or replace."
     ),
+    init_from: str | None = typer.Option(
+        None, help="Start a new run from this run directory's (or checkpoint's) weights and tokenizer: fine-tuning."
+    ),
+    keep_optimizer: bool = typer.Option(
+        False, "--keep-optimizer", help="With --init-from: carry its optimizer state and update counter over too."
+    ),
 ) -> None:
     """Train a model; the run directory (train.run_dir) gets config, tokenizer, checkpoints, metrics.
 
     Example: mt train configs/multi30k_de_en.yaml --max-time 20m --set train.lr=5e-4
+
+    Fine-tuning: mt train new_data.yaml --init-from runs/base starts a new run directory
+    (train.run_dir) from runs/base's best weights, reusing its tokenizer; optimizer, schedule and
+    data position start fresh unless --keep-optimizer.
 
     Running it again on a run directory with checkpoints continues exactly where the newest one
     left off (so does `mt train RUN_DIR --resume`); SIGINT/SIGTERM stop after the current update
@@ -160,6 +170,10 @@ def train(
             overrides.append(f"train.{key}={value}")
     if errors is not None:
         overrides.append(f"data.errors={errors}")
+    if init_from is not None:
+        overrides.append(f"train.init_from={init_from}")
+    if keep_optimizer:
+        overrides.append("train.keep_optimizer=true")
     if config.is_dir():  # a run directory: its own config, written by the run
         overrides.insert(0, f"train.run_dir={config}")
         config = RunDir(config).config

@@ -42,6 +42,9 @@ class TokenizerConfig:
     joint: bool = True  # one vocabulary for both languages (enables tied embeddings)
     character_coverage: float = 1.0
     max_sentences: int = 2_000_000  # sentences sampled to train a unigram model (BPE counts the words of all)
+    # more text files (one sentence per line) the joint tokenizer also learns from, e.g. a language
+    # a model fine-tuned from this one will read
+    extra_text: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +92,10 @@ class TrainConfig:
     score_test: bool = True  # at the end, translate and score data.test (if present) for the model card
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
+    # a run directory or checkpoint whose weights and tokenizer a new run starts from (fine-tuning);
+    # the run records the exact checkpoint file here
+    init_from: str | None = None
+    keep_optimizer: bool = False  # with init_from: carry its optimizer state and step counter over too
 
 
 @dataclass
@@ -137,6 +144,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: expected one of {_describe(tp)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
     if origin is tuple:
         item_types = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
@@ -187,6 +198,10 @@ def _validate(config: Config) -> None:
             "model dropouts must be in [0, 1)",
         ),
         (config.tokenizer.vocab_size >= 8, "tokenizer.vocab_size must be at least 8"),
+        (
+            config.tokenizer.joint or not config.tokenizer.extra_text,
+            "tokenizer.extra_text needs a joint vocabulary (tokenizer.joint: true)",
+        ),
         (t.max_tokens > 0, "train.max_tokens must be positive"),
         (t.update_freq >= 1, "train.update_freq must be at least 1"),
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be positive, train.warmup_steps >= 0"),

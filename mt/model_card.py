@@ -179,6 +179,7 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         f"- {_known(facts.steps)} updates, {_known(facts.epochs)} full epochs, {hours:.2f} h of training",
         f"- hardware: {hardware(device)}; {facts.world_size} process(es); precision {t.precision}",
         f"- best checkpoint ({run.best.name}): update {_known(facts.best_step)}",
+        *_init_line(t),
         "",
         "## Scores",
         "",
@@ -216,6 +217,13 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
     ]
     atomic_write_text(run.card, "\n".join(lines))
     return run.card
+
+
+def _init_line(t) -> list[str]:
+    if not t.init_from:
+        return []
+    optimizer = "its optimizer state and update counter kept" if t.keep_optimizer else "fresh optimizer and schedule"
+    return [f"- initialised from `{t.init_from}` (its tokenizer reused; {optimizer})"]
 
 
 def _known(value: int | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import tempfile
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mt.config import TokenizerConfig
-from mt.data import iter_pairs
+from mt.data import iter_lines, iter_pairs
 from mt.errors import CheckpointError, DataError
 from mt.files import atomic_write
 from mt.progress import progress_bar
@@ -169,13 +170,17 @@ def prepare_tokenizer(
 ) -> Tokenizer:
     """Load the run directory's tokenizer, training it on the training corpus first if it has none.
 
-    The corpus is streamed; SentencePiece keeps a random sample of `max_sentences` sentences.
+    The corpus is streamed; a joint model also reads the files of `config.extra_text`.
     """
     src_model, tgt_model = RunDir(run_dir).tokenizer_files(config.joint)
     if config.joint and not src_model.is_file():
         log.info("training joint SentencePiece %s model (%d pieces)", config.type, config.vocab_size)
+        for path in config.extra_text:
+            if not Path(path).is_file():
+                raise DataError(f"tokenizer.extra_text: {path}: file not found")
         both = (line for pair in iter_pairs(src_path, tgt_path, errors) for line in pair)
-        train_sentencepiece(both, src_model, config)
+        extra = (line.strip() for path in config.extra_text for line in iter_lines(path, errors) if line.strip())
+        train_sentencepiece(itertools.chain(both, extra), src_model, config)
     elif not config.joint:
         for side, path in enumerate((src_model, tgt_model)):
             if not path.is_file():

@@ -32,6 +32,7 @@ from mt.run_dir import MetricsLog, Progress, RunDir, StepCheckpoint, Weights, sa
 from mt.signals import GracefulStop
 from mt.trainer import StepStats, Trainer, UpdateResult, make_trainer, prefetched_batches, rng_state, set_rng_state
 from mt.validation import describe, validate
+from mt.warm_start import InitSource, adopt_source, find_init_source, initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def train(config: Config, resume: bool = False) -> Path:
             if resume and not run.run.step_checkpoints():  # before any data preparation or file written
                 raise CheckpointError(f"{run.run}: no checkpoint to resume from (train without --resume to start it)")
             run.prepare()
-            run.restore()
+            if not run.restore():
+                run.initialise()
             run.train()
         finally:
             run.unlock()
@@ -81,6 +83,7 @@ class TrainingRun:
         self.resumed = False
         self.signals = GracefulStop()
         self.metrics = MetricsLog(None)
+        self.init_source: InitSource | None = None
 
     # -- prepare and restore -------------------------------------------------------------------
 
@@ -100,6 +103,9 @@ class TrainingRun:
 
     def prepare(self) -> None:
         """Run directory, tokenizer, encoded corpora, model and optimizer (no checkpoint is read yet)."""
+        if self.config.train.init_from and not self.run.step_checkpoints():
+            self.init_source = find_init_source(self.config.train.init_from, self.config.train.keep_optimizer)
+            self.config = adopt_source(self.config, self.run, self.init_source, self.world.is_main)
         t = self.config.train
         if self.run.is_run_dir():
             saved = load_config(self.run.config)
@@ -153,6 +159,26 @@ class TrainingRun:
         log.info(line, self.run, path.name, p.step, p.epoch, p.batches_done, p.epoch + 1)
         return True
 
+    def initialise(self) -> None:
+        """A new run with `train.init_from`: the source's weights (and with `keep_optimizer` its
+        optimizer state and step counter); data position, epochs and best scores start afresh."""
+        source, t = self.init_source, self.config.train
+        if source is None:
+            return
+        record = initial_weights(source, self.fingerprint, self.vocab, t.keep_optimizer, self.device)
+        try:
+            self.model.load_state_dict(record.model)
+        except RuntimeError as exc:
+            first = (str(exc).splitlines()[1:2] or str(exc).splitlines()[:1])[0].strip()
+            raise CheckpointError(f"{source.checkpoint}: its weights do not fit this model ({first})") from None
+        if isinstance(record, StepCheckpoint):
+            self.trainer.load_state_dict(record.trainer)
+            self.progress.step = record.progress.step
+        line = "initialised from %s (its update %s)%s"
+        kept = f"; optimizer and schedule continue from update {self.progress.step}" if t.keep_optimizer else ""
+        step = record.progress.step if isinstance(record, StepCheckpoint) else record.step
+        log.info(line, source.checkpoint, "?" if step is None else step, kept)
+
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> str:
@@ -166,8 +192,9 @@ class TrainingRun:
         log.info(line, len(self.corpus), len(self.valid), *self.vocab, parameters, self.device, world.size)
         self.metrics = MetricsLog(self.run.metrics if world.is_main else None)
         event = "resume" if self.resumed else "start"
+        started = {"init_from": t.init_from} if t.init_from and not self.resumed else {}
         self.metrics.write(
-            event=event, step=p.step, world_size=world.size, device=str(self.device), precision=t.precision
+            event=event, step=p.step, world_size=world.size, device=str(self.device), precision=t.precision, **started
         )
         self.start = self.session_start - p.elapsed  # and the training time of earlier sessions of the run
         self.window_start = time.monotonic()  # throughput counts training only, not the preparation
@@ -175,9 +202,13 @@ class TrainingRun:
             reason = self.stop_reason(self.agree())
             while reason is None:
                 reason = self.train_epoch()
-                if reason != "signal":
-                    self.validate_and_save(epoch_end=True)
-                    reason = reason or self.stop_reason(self.agree())
+                if reason == "signal":
+                    break
+                epoch_ended, stopping = reason is None, reason or self.stop_reason(self.agree())
+                # with valid_every, epochs (say, of a small fine-tuning corpus) end unvalidated
+                if stopping or not t.valid_every:
+                    self.validate_and_save(epoch_end=epoch_ended)
+                reason = stopping or self.stop_reason(self.agree())
         self.finish(reason)
         return reason
 

@@ -47,6 +47,13 @@ def test_max_steps_with_valid_every_validates_every_n_steps_and_at_the_end(make_
     assert load_step_checkpoint(RunDir(run.run).step_checkpoints()[-1]).progress.step == 10
 
 
+def test_with_valid_every_epoch_ends_are_not_validated(make_run):
+    run = make_run("train.valid_every=1000", "train.max_epochs=3")  # a small corpus: epochs of a few updates
+    per_epoch = len(run.epoch_batches(1))
+    assert run.train() == "max_epochs"
+    assert _validated_steps(run) == [3 * per_epoch]  # at the end only, not after every short epoch
+
+
 def test_max_epochs_validates_at_each_epoch_end(make_run):
     run = make_run("train.max_epochs=2")
     per_epoch = len(run.epoch_batches(1))
