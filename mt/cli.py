@@ -205,7 +205,7 @@ def average(
 
 @app.command()
 def translate(
-    run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
+    run_dirs: list[Path] = typer.Argument(..., help="Model directory written by `mt train`; several: an ensemble."),
     beam: int | None = typer.Option(None, help="Beam size (1 = greedy; default from the model's config)."),
     length_penalty: float | None = typer.Option(None, help="Score = log P / length ** this (default from config)."),
     nbest: int = typer.Option(1, help="Print the N best hypotheses per line as `index<TAB>score<TAB>text`."),
@@ -215,15 +215,17 @@ def translate(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     engine: str = typer.Option("auto", help="auto (ctranslate2 for a directory from `mt export`), torch, ctranslate2."),
+    weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
     Examples: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5;
-    mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export)
+    mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export);
+    mt translate runs/seed1 runs/seed2 < input.de   (an ensemble: log-probabilities averaged every step)
     """
     from mt.translate import Translator, read_chunks
 
-    translator = Translator(run_dir, checkpoint, device, engine)
+    translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
     options = translator.options(beam=beam, length_penalty=length_penalty, nbest=nbest, no_repeat_ngram=no_repeat_ngram)
     chunks = read_chunks(sys.stdin)
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
@@ -242,13 +244,14 @@ def translate(
 
 @app.command()
 def score(
-    run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
+    run_dirs: list[Path] = typer.Argument(..., help="Model directory written by `mt train`; several: an ensemble."),
     src: Path = typer.Option(..., help="Source sentences, one per line (plain or .gz)."),
     tgt: Path = typer.Option(..., help="Their translations to score, line-aligned with --src."),
     length_penalty: float | None = typer.Option(None, help="For the normalised score (default: the config's)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of tab-separated."),
     checkpoint: str | None = typer.Option(None, help="Checkpoint (default: decode.checkpoint of its config)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+    weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
 ) -> None:
     """Score given translations: per line `normalised<TAB>total<TAB>per-piece log-probabilities`.
 
@@ -264,7 +267,7 @@ def score(
     sources, targets = read_lines(src), read_lines(tgt)
     if len(sources) != len(targets):
         raise MTError(f"{src} has {len(sources)} lines, {tgt} has {len(targets)}: they must be line-aligned")
-    translator = Translator(run_dir, checkpoint, device)
+    translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
     options = translator.options(length_penalty=length_penalty)
     for found in translator.score(sources, targets, options):
         pieces = [round(p, 4) for p in found.pieces]
@@ -276,30 +279,36 @@ def score(
 
 @app.command()
 def tune(
-    run_dir: Path = typer.Argument(..., help="Run directory written by `mt train`."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run directory written by `mt train`; several: an ensemble."),
     checkpoint: list[str] = typer.Option([], help="Checkpoint to try (repeatable; default best.pt), e.g. averaged.pt."),
     beam: list[int] = typer.Option([4, 5], help="Beam size to try (repeatable)."),
     length_penalty: list[float] = typer.Option([0.6, 1.0, 1.4], help="Length penalty to try (repeatable)."),
     max_sentences: int = typer.Option(0, help="Use only the first N validation sentences (0 = all)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the table; leave config.yaml alone."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+    weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
 ) -> None:
     """Choose the decoding defaults (checkpoint, beam, length penalty) by validation BLEU and store them.
 
     Example: mt average runs/multi30k_de_en --last 3 -o runs/multi30k_de_en/averaged.pt;
     mt tune runs/multi30k_de_en --checkpoint best.pt --checkpoint averaged.pt
+
+    An ensemble (several run directories, the first one's validation set) is tuned the same way;
+    its table is printed, nothing is stored.
     """
     from mt.run_dir import BEST, RunDir
     from mt.tuning import format_tuning, tune_decoding
 
     if min(beam) < 1:
         raise MTError("--beam must be at least 1")
-    rows, best = tune_decoding(run_dir, checkpoint or [BEST], beam, length_penalty, device, max_sentences, not dry_run)
+    store = not dry_run and len(run_dirs) == 1
+    chosen = checkpoint or [BEST]
+    rows, best = tune_decoding(run_dirs, chosen, beam, length_penalty, device, max_sentences, store, weight or None)
     typer.echo(format_tuning(rows, best))
-    if not dry_run:
+    if store:
         log.info(
             "stored in %s: decode.checkpoint=%s beam=%d length_penalty=%g",
-            RunDir(run_dir).config,
+            RunDir(run_dirs[0]).config,
             best["checkpoint"],
             best["beam"],
             best["length_penalty"],
@@ -440,7 +449,9 @@ def export(
 
 @app.command("eval")
 def evaluate(
-    run_dir: Path | None = typer.Argument(None, help="Model directory to translate --src with."),
+    run_dirs: list[Path] | None = typer.Argument(
+        None, help="Model directory to translate --src with; several: an ensemble."
+    ),
     src: Path | None = typer.Option(None, help="Source file to translate (with RUN_DIR)."),
     ref: Path = typer.Option(..., help="Reference translations, line-aligned."),
     hyp: list[Path] = typer.Option([], help="Hypothesis file to score (repeatable; instead of RUN_DIR + --src)."),
@@ -454,6 +465,7 @@ def evaluate(
     force: bool = typer.Option(False, help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
+    weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
@@ -470,15 +482,15 @@ def evaluate(
     if output is not None and output.exists() and not force:
         raise MTError(f"{output}: exists; use --force to replace it")
     if hyp:
-        if run_dir is not None or src is not None:
+        if run_dirs or src is not None:
             raise MTError("give either --hyp or RUN_DIR with --src, not both")
         systems = {str(path): read_lines(path) for path in hyp}
-    elif run_dir is not None and src is not None:
-        translator = Translator(run_dir, checkpoint, device)
+    elif run_dirs and src is not None:
+        translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
         hyps = translate_file(translator, src, translator.options(beam=beam))
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))
-        systems = {str(run_dir): hyps}
+        systems = {" + ".join(str(path) for path in run_dirs): hyps}
     else:
         raise MTError("give --hyp, or RUN_DIR and --src")
     typer.echo(score_report(systems, read_lines(ref), samples if paired_bs else 0, as_json))

@@ -15,13 +15,13 @@ from typing import Protocol
 import torch
 
 from mt.batching import make_batches, pad
-from mt.config import Config, DecodeConfig
+from mt.config import Config, DecodeConfig, load_config
 from mt.device import autocast, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
-from mt.search import Hypothesis, search
-from mt.tokenizer import Tokenizer
+from mt.search import Hypothesis, Models, search
+from mt.tokenizer import Tokenizer, load_tokenizer
 from mt.vocab import BOS, EOS
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,19 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """A `Transformer` on a device: sorted batches of similar-length sources, mt's own search."""
+    """`Transformer`(s) on a device: sorted batches of similar-length sources, mt's own search.
 
-    def __init__(self, model: Transformer, device: torch.device):
-        self.model, self.device = model.eval(), device
-        self.max_source = model.max_positions - 1
-        self.vocab_size = model.output_weight.size(0)
+    Several models (with `weights`) are an ensemble: every step averages their log-probabilities.
+    """
+
+    def __init__(
+        self, model: Transformer | list[Transformer], device: torch.device, weights: list[float] | None = None
+    ):
+        members = model if isinstance(model, list) else [model]
+        self.models, self.device = Models([m.eval() for m in members], weights), device
+        self.model = members[0]
+        self.max_source = self.models.max_positions - 1
+        self.vocab_size = self.model.output_weight.size(0)
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
         lengths = [len(s) + 1 for s in sources]
@@ -87,7 +94,7 @@ class TorchEngine:
         for batch in make_batches(lengths, lengths, options.rows_per_batch):
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             with autocast(self.device, options.precision):
-                for index, hyps in zip(batch, search(self.model, src, options)):
+                for index, hyps in zip(batch, search(self.models, src, options)):
                     results[index] = hyps
         return results
 
@@ -103,16 +110,18 @@ class TorchEngine:
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             tgt_in = pad([targets[i] for i in batch], prefix=[BOS]).to(self.device)
             tgt_out = pad([targets[i] for i in batch], suffix=[EOS]).to(self.device)
-            with torch.inference_mode(), autocast(self.device, options.precision):
-                hidden = self.model(src, tgt_in)
-                log_probs = torch.log_softmax(self.model.logits(hidden).float(), dim=-1)
-            chosen = log_probs.gather(-1, tgt_out[..., None]).squeeze(-1).cpu()
+            chosen = torch.zeros(tgt_out.shape)
+            for model, weight in zip(self.models.members, self.models.weights):
+                with torch.inference_mode(), autocast(self.device, options.precision):
+                    log_probs = torch.log_softmax(model.logits(model(src, tgt_in)).float(), dim=-1)
+                chosen += log_probs.gather(-1, tgt_out[..., None]).squeeze(-1).cpu() * weight
             for row, index in enumerate(batch):
                 results[index] = chosen[row, : len(targets[index]) + 1].tolist()
         return results
 
     def cross_attention(self, source: list[int], tokens: list[int]) -> torch.Tensor:
-        """Teacher-forced cross-attention of `tokens` over `source`: (layers, heads, len(tokens)+1, len(source)+1)."""
+        """Teacher-forced cross-attention of `tokens` over `source`: (layers, heads, len(tokens)+1, len(source)+1);
+        of the first model of an ensemble."""
         src = torch.tensor([source + [EOS]], device=self.device)
         tgt_in = torch.tensor([[BOS] + tokens], device=self.device)
         return cross_attention_weights(self.model, src, tgt_in)[:, 0].cpu()
@@ -187,3 +196,38 @@ def open_engine(
         return CTranslate2Engine(Path(run), config, tokenizer, device)
     torch_device = pick_device(device)
     return TorchEngine(load_model(run, config, tokenizer, torch_device, checkpoint), torch_device)
+
+
+def open_ensemble(
+    runs: list[RunDir],
+    tokenizer: Tokenizer,
+    checkpoint: str | None,
+    device: str = "auto",
+    kind: str = "auto",
+    weights: list[float] | None = None,
+) -> TorchEngine:
+    """Several run directories as one engine that averages their log-probabilities at every step.
+
+    Every model must read and write the pieces of `tokenizer` (the first run's): the same
+    SentencePiece model on each side. `checkpoint` None: each run's own `decode.checkpoint`.
+    """
+    if kind == "ctranslate2" or any(run.is_export() for run in runs):
+        raise MTError("an ensemble needs run directories of mt's own model: CTranslate2 exports cannot be ensembled")
+    if weights is not None and (len(weights) != len(runs) or min(weights) <= 0):
+        raise MTError(f"--weight: give one positive weight per model ({len(runs)} models, {len(weights)} weights)")
+    torch_device = pick_device(device)
+    models = []
+    for run in runs:
+        config = load_config(run.config)
+        member = load_tokenizer(run, config.tokenizer.joint)
+        for side, mine, first in (
+            ("source", member.src_path, tokenizer.src_path),
+            ("target", member.tgt_path, tokenizer.tgt_path),
+        ):
+            if mine.read_bytes() != first.read_bytes():
+                raise MTError(
+                    f"{run}: its {side} SentencePiece model differs from {runs[0]}'s; the models of an "
+                    "ensemble must share their vocabularies (train them with the same tokenizer)"
+                )
+        models.append(load_model(run, config, member, torch_device, checkpoint or config.decode.checkpoint))
+    return TorchEngine(models, torch_device, weights)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mt.model import Transformer
+from mt.model import DecoderState, Transformer
 from mt.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:  # the options record lives with the decoding path that builds it
@@ -28,6 +28,55 @@ class Hypothesis:
     tokens: list[int]  # generated pieces, without BOS and EOS
     score: float  # log-probability / length ** length_penalty
     log_prob: float
+
+
+class NextPieces:
+    """The next-piece log-probabilities of R open hypotheses, computed for a slice of rows at a time
+    (a whole batch's (R, V) never has to exist at once)."""
+
+    def __init__(self, hidden: list[Tensor], output_weights: list[Tensor], weights: list[float]):
+        self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
+        self.vocab = output_weights[0].size(1)
+
+    def log_probs(self, rows: slice) -> Tensor:
+        """(rows, V) in fp32: one model's log-softmax, or the weighted mean of the ensemble's."""
+        total = None
+        for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
+            log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
+            if len(self.hidden) > 1:
+                log_probs.mul_(weight)
+            total = log_probs if total is None else total.add_(log_probs)
+        return total
+
+
+class Models:
+    """The model(s) one search steps through: a Transformer, or an ensemble that shares the target
+    vocabulary, each member with its own encoder output and cache; weights are normalised to sum to 1."""
+
+    def __init__(self, models: list[Transformer], weights: list[float] | None = None):
+        weights = weights or [1.0] * len(models)
+        if len(weights) != len(models) or min(weights) <= 0:
+            raise ValueError(f"ensemble weights {weights}: one positive weight per model ({len(models)})")
+        self.members, self.weights = models, [w / sum(weights) for w in weights]
+        self.max_positions = min(m.max_positions for m in models)
+
+    def start(self, src: Tensor, use_cache: bool) -> list[DecoderState]:
+        """src (B, S) -> each member's decoder state (its encoder output, keys/values of the source)."""
+        return [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
+
+    def step(self, prefix: Tensor, states: list[DecoderState]) -> tuple[NextPieces, list[DecoderState]]:
+        """prefix (R, t) -> the next-piece distribution of each row, and the members' new states."""
+        stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
+        new_states = [state for _, state in stepped]
+        return NextPieces([h for h, _ in stepped], [s.output_weight for s in new_states], self.weights), new_states
+
+
+def select(states: list[DecoderState], rows: Tensor, sentences: Tensor | None = None) -> list[DecoderState]:
+    return [state.select(rows, sentences) for state in states]
+
+
+def as_models(model: Transformer | Models) -> Models:
+    return model if isinstance(model, Models) else Models([model])
 
 
 def search_name(beam: int) -> str:
@@ -64,8 +113,7 @@ CHUNK_ELEMENTS = 1 << 22  # log-probabilities scored at a time (16 MB in fp32)
 
 
 def best_extensions(
-    hidden: Tensor,
-    output_weight: Tensor,
+    next_pieces: NextPieces,
     prefix: Tensor,
     scores: Tensor,
     at_limit: Tensor,
@@ -74,23 +122,23 @@ def best_extensions(
 ) -> tuple[Tensor, Tensor]:
     """The `count` best one-piece extensions of each sentence's open hypotheses.
 
-    n sentences with h open hypotheses each: hidden (n*h, D) their decoder states, output_weight
-    (D, V), prefix (n*h, t), scores (n, h) their log-probabilities, at_limit (n,) sentences whose
-    next piece must be EOS -> (n, count) scores of the extended hypotheses and their indices into
-    h*V (hypothesis * V + piece). PAD and BOS are never chosen.
+    n sentences with h open hypotheses each: next_pieces the distributions of their n*h rows,
+    prefix (n*h, t), scores (n, h) their log-probabilities, at_limit (n,) sentences whose next
+    piece must be EOS -> (n, count) scores of the extended hypotheses and their indices into h*V
+    (hypothesis * V + piece). PAD and BOS are never chosen.
 
     Runs over chunks of sentences, so a step never holds the (n*h, V) log-probabilities of a whole
     batch: large decoding batches do not raise the peak memory by them (with decode.max_tokens
     6144 and beam 5 a step's are ~13 MB; peak RSS of the decoding benchmark fell by ~25 MB).
     """
     n, open_per_sentence = scores.shape
-    vocab = output_weight.size(1)
+    vocab = next_pieces.vocab
     sentences_per_chunk = max(1, CHUNK_ELEMENTS // (open_per_sentence * vocab))
     chunks = []
     for start in range(0, n, sentences_per_chunk):
         end = min(n, start + sentences_per_chunk)
         rows = slice(start * open_per_sentence, end * open_per_sentence)
-        log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
+        log_probs = next_pieces.log_probs(rows)
         log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
         if no_repeat_ngram:
             ban_repeated_ngrams(log_probs, prefix[rows], no_repeat_ngram)
@@ -119,23 +167,22 @@ def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty:
 
 
 @torch.inference_mode()
-def greedy_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[Hypothesis]:
+def greedy_search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[Hypothesis]:
     """The most probable next piece at every step; src (B, S) -> one hypothesis per sentence.
 
     Finished sentences leave the batch, so later steps only compute the ones still running.
     """
-    memory, memory_mask = model.encode(src)
-    state = model.start_decoding(memory, memory_mask, options.use_cache)
-    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, model.max_positions)
+    models = as_models(model)
+    states = models.start(src, options.use_cache)
+    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, models.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
     results: list[Hypothesis | None] = [None] * src.size(0)
     for length in range(1, int(limit.max()) + 1):
-        hidden, state = model.step(prefix, state)
+        next_pieces, states = models.step(prefix, states)
         forced = length >= limit
-        weight = state.output_weight
-        best, token = best_extensions(hidden, weight, prefix, log_prob[:, None], forced, 1, options.no_repeat_ngram)
+        best, token = best_extensions(next_pieces, prefix, log_prob[:, None], forced, 1, options.no_repeat_ngram)
         log_prob, token = best[:, 0], token[:, 0]
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done = token == EOS
@@ -149,11 +196,11 @@ def greedy_search(model: Transformer, src: Tensor, options: DecodeOptions) -> li
         if keep.numel() == 0:
             break
         active, prefix, log_prob, limit = active[keep], prefix[keep], log_prob[keep], limit[keep]
-        state = state.select(keep, keep)
+        states = select(states, keep, keep)
     return results  # type: ignore[return-value]
 
 
-def search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+def search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
     """Greedy search when `options.beam` is 1, beam search otherwise; per sentence a list of hypotheses."""
     if options.beam == 1:
         return [[h] for h in greedy_search(model, src, options)]
@@ -161,7 +208,7 @@ def search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[list
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+def beam_search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
     """Beam search for a whole batch at once; src (B, S) -> per sentence its `options.nbest` best hypotheses.
 
     Each step extends the K open hypotheses of every sentence, keeps the 2K best candidates,
@@ -173,9 +220,9 @@ def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list
     k, length_penalty = options.beam, options.length_penalty
     batch = src.size(0)
     device = src.device
-    memory, memory_mask = model.encode(src)
-    state = model.start_decoding(memory, memory_mask, options.use_cache)
-    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, model.max_positions)
+    models = as_models(model)
+    states = models.start(src, options.use_cache)
+    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, models.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs
@@ -186,12 +233,12 @@ def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list
 
     for length in range(1, int(limit.max()) + 1):
         n, open_per_sentence = scores.shape
-        hidden, state = model.step(prefix, state)
+        next_pieces, states = models.step(prefix, states)
         at_limit = length >= limit
         top_scores, top_index = best_extensions(
-            hidden, state.output_weight, prefix, scores, at_limit, 2 * k, options.no_repeat_ngram
+            next_pieces, prefix, scores, at_limit, 2 * k, options.no_repeat_ngram
         )  # (n, 2K)
-        vocab = state.output_weight.size(1)
+        vocab = next_pieces.vocab
         top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = top_token == EOS
 
@@ -216,7 +263,7 @@ def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list
         rows = (torch.arange(n, device=device)[:, None] * open_per_sentence + top_beam.gather(1, pick)).view(-1)
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
         scores = open_scores
-        state = state.select(rows)
+        states = select(states, rows)
 
         best_open = scores[:, 0]
         done = at_limit | (kth_finished >= best_reachable(best_open, length, limit, length_penalty))
@@ -228,6 +275,6 @@ def beam_search(model: Transformer, src: Tensor, options: DecodeOptions) -> list
             keep_rows = (keep[:, None] * k + beam_offsets).view(-1)
             active, scores, limit, kth_finished = active[keep], scores[keep], limit[keep], kth_finished[keep]
             prefix = prefix[keep_rows]
-            state = state.select(keep_rows, keep)
+            states = select(states, keep_rows, keep)
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[: options.nbest] for hyps in finished]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mt.config import load_config
 from mt.data import read_lines
-from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, score
+from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, open_ensemble, score
 from mt.errors import DataError, MTError
 from mt.progress import progress_bar
 from mt.run_dir import model_dir
@@ -37,14 +37,29 @@ class Translator:
     """A model directory (or an `mt export` of one) loaded for translation: text in, text out."""
 
     def __init__(
-        self, model_path: str | Path, checkpoint: str | None = None, device: str = "auto", engine: str = "auto"
+        self,
+        model_path: str | Path | list[str | Path],
+        checkpoint: str | None = None,
+        device: str = "auto",
+        engine: str = "auto",
+        weights: list[float] | None = None,
     ):
-        """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config."""
-        run = model_dir(model_path)
-        self.config = load_config(run.config)
-        self.tokenizer = load_tokenizer(run, self.config.tokenizer.joint)
+        """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config.
+
+        Several model directories decode as an ensemble (optionally `weights`, one per model); the
+        first one's config gives the decoding defaults.
+        """
+        paths = list(model_path) if isinstance(model_path, (list, tuple)) else [model_path]
+        runs = [model_dir(path) for path in paths]
+        self.config = load_config(runs[0].config)
+        self.tokenizer = load_tokenizer(runs[0], self.config.tokenizer.joint)
         self.checkpoint = checkpoint or self.config.decode.checkpoint
-        self.engine: Engine = open_engine(run, self.config, self.tokenizer, self.checkpoint, device, engine)
+        if len(runs) > 1:
+            self.engine: Engine = open_ensemble(runs, self.tokenizer, checkpoint, device, engine, weights)
+        elif weights is not None and len(weights) != 1:
+            raise MTError(f"--weight: give one weight per model (1 model, {len(weights)} weights)")
+        else:
+            self.engine = open_engine(runs[0], self.config, self.tokenizer, self.checkpoint, device, engine)
 
     @property
     def device(self) -> torch.device:

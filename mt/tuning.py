@@ -10,6 +10,7 @@ from typing import Any
 
 from mt.config import load_config, save_config
 from mt.data import corpus_files, iter_pairs
+from mt.errors import MTError
 from mt.evaluate import corpus_scores
 from mt.progress import progress_bar
 from mt.run_dir import model_dir
@@ -19,20 +20,25 @@ log = logging.getLogger(__name__)
 
 
 def tune_decoding(
-    run_dir: Path,
+    run_dir: Path | list[Path],
     checkpoints: list[str],
     beams: list[int],
     length_penalties: list[float],
     device: str = "auto",
     max_sentences: int = 0,
     save: bool = True,
+    weights: list[float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Translate the validation split with every combination, score BLEU (ties: chrF), and store the
     best combination as `decode.checkpoint/beam/length_penalty` of RUN_DIR/config.yaml.
 
+    Several run directories are tuned as an ensemble (on the first one's validation split).
     Returns one row per combination and the chosen row.
     """
-    run = model_dir(run_dir)
+    runs = [model_dir(path) for path in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    if save and len(runs) > 1:
+        raise MTError("an ensemble's decoding choices cannot be stored in one run's config; tune without saving")
+    run = runs[0]
     config = load_config(run.config)
     d = config.data
     pairs = list(iter_pairs(*corpus_files(d.dir, d.valid, d.src, d.tgt), d.errors))
@@ -43,7 +49,7 @@ def tune_decoding(
     combinations = list(itertools.product(checkpoints, beams, length_penalties))
     bar = progress_bar(total=len(combinations), desc="tuning decoding", unit="setting")
     for checkpoint in checkpoints:
-        translator = Translator(run, checkpoint, device, engine="torch")
+        translator = Translator(runs, checkpoint, device, engine="torch", weights=weights)
         ids = translator.tokenizer.encode_src(sources)
         for beam, penalty in itertools.product(beams, length_penalties):
             hyps = translator.translate_ids(ids, translator.options(beam=beam, length_penalty=penalty))
