@@ -216,18 +216,43 @@ def translate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     engine: str = typer.Option("auto", help="auto (ctranslate2 for a directory from `mt export`), torch, ctranslate2."),
     weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
+    prefix_file: Path | None = typer.Option(None, help="Target prefixes, one per input line: each output starts so."),
+    tsv: bool = typer.Option(False, "--tsv", help="Input lines are source<TAB>target prefix."),
+    sampling: bool = typer.Option(False, "--sampling", help="Draw each piece at random instead of searching."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (< 1 sharper, > 1 flatter)."),
+    top_k: int = typer.Option(0, help="Sample from the k most probable pieces only (0 = all)."),
+    top_p: float = typer.Option(1.0, help="Sample from the smallest set of pieces with this much probability."),
+    seed: int = typer.Option(1, help="Random seed of --sampling: the same seed gives the same output."),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
     Examples: echo "Ein Mann fährt Fahrrad." | mt translate runs/multi30k_de_en --beam 5;
     mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export);
-    mt translate runs/seed1 runs/seed2 < input.de   (an ensemble: log-probabilities averaged every step)
+    mt translate runs/seed1 runs/seed2 < input.de   (an ensemble: log-probabilities averaged every step);
+    printf 'Ein Hund rennt.\tA dog\n' | mt translate runs/multi30k_de_en --tsv   (a target prefix);
+    mt translate runs/multi30k_de_en --sampling --top-p 0.9 --nbest 4 --seed 7 < input.de
     """
-    from mt.translate import Translator, read_chunks
+    from mt.translate import Translator, read_chunks, split_tabs, with_prefix_file
 
+    if tsv and prefix_file is not None:
+        raise MTError("give --tsv or --prefix-file, not both")
     translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
-    options = translator.options(beam=beam, length_penalty=length_penalty, nbest=nbest, no_repeat_ngram=no_repeat_ngram)
+    options = translator.options(
+        beam=beam,
+        length_penalty=length_penalty,
+        nbest=nbest,
+        no_repeat_ngram=no_repeat_ngram,
+        **(
+            {"sampling": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+            if sampling
+            else {}
+        ),
+    )
     chunks = read_chunks(sys.stdin)
+    if tsv:
+        chunks = split_tabs(chunks)
+    elif prefix_file is not None:
+        chunks = with_prefix_file(chunks, prefix_file)
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))

@@ -150,32 +150,57 @@ class CTranslate2Engine:
         self.max_source = self.max_positions - 1
         self.src_pieces = [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)]
         self.vocab_size = tokenizer.tgt_vocab_size
+        self.tgt_pieces = [tokenizer.tgt.id_to_piece(i) for i in range(tokenizer.tgt_vocab_size)]
         self.piece_id = tokenizer.tgt.piece_to_id
 
-    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+    def search(
+        self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
+    ) -> list[list[Hypothesis]]:
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
         # sentences sharing a limit go together: a sorted batch has few limits
         lengths = torch.tensor([len(ids) for ids in sources])
-        limits = max_lengths(lengths, options.max_len_a, options.max_len_b, self.max_positions).tolist()
+        limits = max_lengths(lengths, options.max_len_a, options.max_len_b, self.max_positions)
+        if prefixes:
+            limits = torch.maximum(limits, torch.tensor([len(p) + 1 for p in prefixes])).clamp(
+                max=self.max_positions - 1
+            )
+        if options.sampling:
+            raise MTError(
+                "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
+                "a seed (its issue #1757), so they could not be reproduced"
+            )
         found: list[list[Hypothesis]] = [[] for _ in sources]
-        for limit in sorted(set(limits)):
-            group = [i for i, value in enumerate(limits) if value == limit]
+        for limit in sorted(set(limits.tolist())):
+            group = [i for i, value in enumerate(limits.tolist()) if value == limit]
             results = self.translator.translate_batch(
                 [[self.src_pieces[i] for i in sources[index]] for index in group],
-                beam_size=options.beam,
+                target_prefix=[[self.tgt_pieces[i] for i in prefixes[index]] for index in group] if prefixes else None,
                 length_penalty=options.length_penalty,
-                num_hypotheses=options.nbest,
                 no_repeat_ngram_size=options.no_repeat_ngram,
                 max_decoding_length=max(limit - 1, 1),  # CTranslate2 counts pieces without EOS
                 max_batch_size=options.rows_per_batch,
                 batch_type="tokens",
                 return_scores=True,
+                beam_size=options.beam,
+                num_hypotheses=options.nbest,
             )
             for index, r in zip(group, results):
-                found[index] = [
+                found[index] += [
                     self._hypothesis(tokens, score, options) for tokens, score in zip(r.hypotheses, r.scores)
                 ]
+        if options.sampling:
+            found = [sorted(hyps, key=lambda h: h.score, reverse=True) for hyps in found]
         return found
+
+    def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:
+        """Teacher-forced log-probability of each target piece and of the closing EOS, per pair."""
+        results = self.translator.score_batch(
+            [[self.src_pieces[i] for i in ids] for ids in sources],
+            [[self.tgt_pieces[i] for i in ids] for ids in targets],
+            max_batch_size=options.rows_per_batch,
+            batch_type="tokens",
+        )
+        return [list(r.log_probs) for r in results]
 
     def _hypothesis(self, pieces: list[str], score: float, options: DecodeOptions) -> Hypothesis:
         """CTranslate2 returns the normalised score; the log-probability is that times length ** penalty."""

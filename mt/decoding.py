@@ -40,6 +40,12 @@ class DecodeOptions:
     use_cache: bool = True  # False: the uncached reference decoder (tests, benchmarks)
     max_tokens: int = 6144  # source pieces x beam size per batch, padding included
     precision: str = "auto"  # autocast precision of the PyTorch engine (auto | fp32 | bf16 | fp16)
+    # sampling: each next piece drawn at random (beam ignored; nbest independent samples per sentence)
+    sampling: bool = False
+    temperature: float = 1.0  # < 1 sharpens the distribution, > 1 flattens it
+    top_k: int = 0  # draw from the k most probable pieces only (0: all)
+    top_p: float = 1.0  # ... from the smallest set holding this much probability (nucleus sampling)
+    seed: int = 1  # the same seed, input and batching give the same samples
 
     @classmethod
     def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:
@@ -51,14 +57,20 @@ class DecodeOptions:
             raise MTError("the beam size must be at least 1")
         if options.no_repeat_ngram < 0:
             raise MTError(f"no_repeat_ngram {options.no_repeat_ngram}: must be >= 0 (0 allows repeats)")
-        if not 1 <= options.nbest <= options.beam:
+        if options.sampling:
+            if options.temperature <= 0 or options.top_k < 0 or not 0 < options.top_p <= 1:
+                raise MTError("sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1")
+            if options.nbest < 1:
+                raise MTError(f"nbest {options.nbest}: must be at least 1")
+        elif not 1 <= options.nbest <= options.beam:
             raise MTError(f"nbest {options.nbest}: must be between 1 and the beam size ({options.beam})")
         return options
 
     @property
     def rows_per_batch(self) -> int:
-        """Sources per batch are bounded by `max_tokens` decoder rows: source pieces times beam size."""
-        return max(1, self.max_tokens // self.beam)
+        """Sources per batch are bounded by `max_tokens` decoder rows: source pieces times beam size
+        (times the samples per sentence, when sampling)."""
+        return max(1, self.max_tokens // (self.nbest if self.sampling else self.beam))
 
 
 class Engine(Protocol):
@@ -68,8 +80,11 @@ class Engine(Protocol):
     max_source: int  # source pieces (without EOS) the model reads
     vocab_size: int  # target pieces
 
-    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
-        """Sources no longer than `max_source` -> per source its `options.nbest` hypotheses, in order."""
+    def search(
+        self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
+    ) -> list[list[Hypothesis]]:
+        """Sources no longer than `max_source` -> per source its `options.nbest` hypotheses, in order;
+        each hypothesis of source i starts with `prefixes[i]`, when given."""
         ...
 
 
@@ -88,13 +103,17 @@ class TorchEngine:
         self.max_source = self.models.max_positions - 1
         self.vocab_size = self.model.output_weight.size(0)
 
-    def search(self, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+    def search(
+        self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
+    ) -> list[list[Hypothesis]]:
         lengths = [len(s) + 1 for s in sources]
         results: list[list[Hypothesis]] = [[] for _ in sources]
+        generator = torch.Generator(self.device).manual_seed(options.seed) if options.sampling else None
         for batch in make_batches(lengths, lengths, options.rows_per_batch):
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
+            forced = [prefixes[i] for i in batch] if prefixes else None
             with autocast(self.device, options.precision):
-                for index, hyps in zip(batch, search(self.models, src, options)):
+                for index, hyps in zip(batch, search(self.models, src, options, forced, generator)):
                     results[index] = hyps
         return results
 
@@ -127,18 +146,28 @@ class TorchEngine:
         return cross_attention_weights(self.model, src, tgt_in)[:, 0].cpu()
 
 
-def decode(engine: Engine, sources: list[list[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+def decode(
+    engine: Engine, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
+) -> list[list[Hypothesis]]:
     """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order.
 
-    A source longer than the engine reads is cut to that length, with a warning.
+    With `prefixes` (target piece ids per source), every hypothesis starts with its prefix and the
+    search continues after it. A source longer than the engine reads is cut to that length, and a
+    prefix to one piece less than a hypothesis may have, with a warning.
     """
-    if options.beam > engine.vocab_size - 2:  # PAD and BOS are never chosen
+    if not options.sampling and options.beam > engine.vocab_size - 2:  # PAD and BOS are never chosen
         raise MTError(f"beam {options.beam}: larger than the model's {engine.vocab_size - 2} choosable pieces")
     limit = engine.max_source
     for ids in sources:
         if len(ids) > limit:
             log.warning("input line of %d pieces truncated to %d (model.max_positions)", len(ids), limit)
-    return engine.search([ids[:limit] for ids in sources], options) if sources else []
+    if prefixes is not None:
+        if len(prefixes) != len(sources):
+            raise MTError(f"{len(prefixes)} target prefixes for {len(sources)} sources")
+        if any(len(ids) > limit - 1 for ids in prefixes):
+            log.warning("target prefixes cut to %d pieces (model.max_positions)", limit - 1)
+        prefixes = [ids[: limit - 1] for ids in prefixes] if any(prefixes) else None
+    return engine.search([ids[:limit] for ids in sources], options, prefixes) if sources else []
 
 
 @dataclass(frozen=True)
@@ -154,8 +183,6 @@ def score(
     engine: Engine, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions
 ) -> list[PairScore]:
     """Forced scoring of target piece ids (no BOS/EOS) given source ids; each is cut to what the model reads."""
-    if not hasattr(engine, "score"):
-        raise MTError("forced scoring needs a run directory of mt's own model, not a CTranslate2 export")
     limit = engine.max_source
     if any(len(ids) > limit for ids in [*sources, *targets]):
         log.warning("pairs longer than %d pieces (model.max_positions) are scored on their first %d", limit, limit)

@@ -119,13 +119,16 @@ def best_extensions(
     at_limit: Tensor,
     count: int,
     no_repeat_ngram: int = 0,
+    forced: Tensor | None = None,
+    sampler: Sampler | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The `count` best one-piece extensions of each sentence's open hypotheses.
 
     n sentences with h open hypotheses each: next_pieces the distributions of their n*h rows,
     prefix (n*h, t), scores (n, h) their log-probabilities, at_limit (n,) sentences whose next
-    piece must be EOS -> (n, count) scores of the extended hypotheses and their indices into h*V
-    (hypothesis * V + piece). PAD and BOS are never chosen.
+    piece must be EOS, forced (n,) the piece a target prefix dictates (-1: none) -> (n, count)
+    scores of the extended hypotheses and their indices into h*V (hypothesis * V + piece). PAD and
+    BOS are never chosen. With a `sampler` (count 1), the extension is drawn instead of the best.
 
     Runs over chunks of sentences, so a step never holds the (n*h, V) log-probabilities of a whole
     batch: large decoding batches do not raise the peak memory by them (with decode.max_tokens
@@ -140,8 +143,19 @@ def best_extensions(
         rows = slice(start * open_per_sentence, end * open_per_sentence)
         log_probs = next_pieces.log_probs(rows)
         log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
+        dictated = None
+        if forced is not None:
+            wanted = forced[start:end].repeat_interleave(open_per_sentence)  # per row
+            dictated_rows = (wanted >= 0).nonzero().squeeze(1)
+            if dictated_rows.numel():
+                pieces = wanted[dictated_rows]
+                dictated = dictated_rows, pieces, log_probs[dictated_rows, pieces].clone()
         if no_repeat_ngram:
             ban_repeated_ngrams(log_probs, prefix[rows], no_repeat_ngram)
+        if dictated is not None:  # a prefix's piece is taken at its probability, whatever else is ruled out
+            dictated_rows, pieces, values = dictated
+            log_probs[dictated_rows] = -torch.inf
+            log_probs[dictated_rows, pieces] = values
         candidates = log_probs.view(end - start, open_per_sentence, vocab).add_(scores[start:end, :, None])
         forced = at_limit[start:end]
         if forced.any():
@@ -150,13 +164,64 @@ def best_extensions(
             candidates[forced] = -torch.inf
             candidates[forced, :, EOS] = eos
         candidates = candidates.view(end - start, open_per_sentence * vocab)
-        if count == 1:  # greedy: max keeps the first of equal scores
+        if sampler is not None:
+            chunks.append(sampler(candidates))
+        elif count == 1:  # greedy: max keeps the first of equal scores
             chunks.append(candidates.max(dim=1, keepdim=True))
         else:
             chunks.append(candidates.topk(min(count, candidates.size(1)), dim=1))
     if len(chunks) == 1:
         return chunks[0][0], chunks[0][1]
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+class Sampler:
+    """Draws one extension per row from its distribution, reshaped by temperature, top-k and top-p."""
+
+    def __init__(self, options: DecodeOptions, generator: torch.Generator | None):
+        self.temperature, self.top_k, self.top_p = options.temperature, options.top_k, options.top_p
+        self.generator = generator
+
+    def __call__(self, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        """candidates (n, V) log-probabilities plus a constant per row -> (n, 1) the chosen's and its index."""
+        logits = candidates / self.temperature  # the row's constant leaves the softmax alone
+        if 0 < self.top_k < logits.size(1):
+            kth = logits.topk(self.top_k, dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -torch.inf)
+        if self.top_p < 1:
+            ordered, order = logits.sort(dim=1, descending=True)
+            probs = torch.softmax(ordered, dim=1)
+            outside = probs.cumsum(dim=1) - probs > self.top_p  # the most probable piece always stays
+            logits = logits.scatter(1, order, ordered.masked_fill(outside, -torch.inf))
+        probs = torch.softmax(logits, dim=1).nan_to_num_(0.0)
+        probs[probs.sum(dim=1) == 0, EOS] = 1.0  # a row with nothing left (a diverged model) ends
+        chosen = torch.multinomial(probs, 1, generator=self.generator)
+        return candidates.gather(1, chosen), chosen
+
+
+def prefix_table(prefixes: list[list[int]] | None, device: torch.device) -> Tensor | None:
+    """(B, L) each sentence's target prefix, -1 past its end; None when there are none."""
+    if not prefixes or not any(prefixes):
+        return None
+    table = torch.full((len(prefixes), max(len(p) for p in prefixes)), -1, dtype=torch.long)
+    for row, pieces in enumerate(prefixes):
+        table[row, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+    return table.to(device)
+
+
+def forced_pieces(table: Tensor | None, active: Tensor, length: int) -> Tensor | None:
+    """(n,) the piece each active sentence's prefix dictates at position `length` (1-based), -1: none."""
+    if table is None or length > table.size(1):
+        return None
+    return table[active, length - 1]
+
+
+def length_limits(src: Tensor, table: Tensor | None, options: DecodeOptions, max_positions: int) -> Tensor:
+    """(B,) the most pieces (EOS included) each sentence's hypotheses may have: room for its prefix too."""
+    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, max_positions)
+    if table is not None:
+        limit = torch.maximum(limit, (table >= 0).sum(dim=1) + 1).clamp(max=max_positions - 1)
+    return limit
 
 
 def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty: float) -> Tensor:
@@ -167,22 +232,32 @@ def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty:
 
 
 @torch.inference_mode()
-def greedy_search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[Hypothesis]:
-    """The most probable next piece at every step; src (B, S) -> one hypothesis per sentence.
+def greedy_search(
+    model: Transformer | Models,
+    src: Tensor,
+    options: DecodeOptions,
+    prefixes: list[list[int]] | None = None,
+    sampler: Sampler | None = None,
+) -> list[Hypothesis]:
+    """The most probable next piece at every step (or, with a `sampler`, a drawn one); src (B, S) ->
+    one hypothesis per sentence, starting with its prefix when `prefixes` are given.
 
     Finished sentences leave the batch, so later steps only compute the ones still running.
     """
     models = as_models(model)
     states = models.start(src, options.use_cache)
-    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, models.max_positions)
+    table = prefix_table(prefixes, src.device)
+    limit = length_limits(src, table, options, models.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
     results: list[Hypothesis | None] = [None] * src.size(0)
     for length in range(1, int(limit.max()) + 1):
         next_pieces, states = models.step(prefix, states)
-        forced = length >= limit
-        best, token = best_extensions(next_pieces, prefix, log_prob[:, None], forced, 1, options.no_repeat_ngram)
+        forced, dictated = length >= limit, forced_pieces(table, active, length)
+        best, token = best_extensions(
+            next_pieces, prefix, log_prob[:, None], forced, 1, options.no_repeat_ngram, dictated, sampler
+        )
         log_prob, token = best[:, 0], token[:, 0]
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done = token == EOS
@@ -200,15 +275,40 @@ def greedy_search(model: Transformer | Models, src: Tensor, options: DecodeOptio
     return results  # type: ignore[return-value]
 
 
-def search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
-    """Greedy search when `options.beam` is 1, beam search otherwise; per sentence a list of hypotheses."""
+def sample(
+    model: Transformer | Models,
+    src: Tensor,
+    options: DecodeOptions,
+    prefixes: list[list[int]] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[Hypothesis]]:
+    """`options.nbest` independent samples per sentence, most probable first."""
+    n = options.nbest
+    repeated = [p for p in prefixes for _ in range(n)] if prefixes else None
+    drawn = greedy_search(model, src.repeat_interleave(n, dim=0), options, repeated, Sampler(options, generator))
+    return [sorted(drawn[i * n : (i + 1) * n], key=lambda h: h.score, reverse=True) for i in range(src.size(0))]
+
+
+def search(
+    model: Transformer | Models,
+    src: Tensor,
+    options: DecodeOptions,
+    prefixes: list[list[int]] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[Hypothesis]]:
+    """Sampling when `options.sampling`, else greedy search when `options.beam` is 1, beam search
+    otherwise; per sentence a list of hypotheses, each starting with the sentence's prefix if given."""
+    if options.sampling:
+        return sample(model, src, options, prefixes, generator)
     if options.beam == 1:
-        return [[h] for h in greedy_search(model, src, options)]
-    return beam_search(model, src, options)
+        return [[h] for h in greedy_search(model, src, options, prefixes)]
+    return beam_search(model, src, options, prefixes)
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer | Models, src: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+def beam_search(
+    model: Transformer | Models, src: Tensor, options: DecodeOptions, prefixes: list[list[int]] | None = None
+) -> list[list[Hypothesis]]:
     """Beam search for a whole batch at once; src (B, S) -> per sentence its `options.nbest` best hypotheses.
 
     Each step extends the K open hypotheses of every sentence, keeps the 2K best candidates,
@@ -222,7 +322,8 @@ def beam_search(model: Transformer | Models, src: Tensor, options: DecodeOptions
     device = src.device
     models = as_models(model)
     states = models.start(src, options.use_cache)
-    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, models.max_positions)
+    table = prefix_table(prefixes, device)
+    limit = length_limits(src, table, options, models.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs
@@ -235,8 +336,9 @@ def beam_search(model: Transformer | Models, src: Tensor, options: DecodeOptions
         n, open_per_sentence = scores.shape
         next_pieces, states = models.step(prefix, states)
         at_limit = length >= limit
+        dictated = forced_pieces(table, active, length)
         top_scores, top_index = best_extensions(
-            next_pieces, prefix, scores, at_limit, 2 * k, options.no_repeat_ngram
+            next_pieces, prefix, scores, at_limit, 2 * k, options.no_repeat_ngram, dictated
         )  # (n, 2K)
         vocab = next_pieces.vocab
         top_beam, top_token = top_index // vocab, top_index % vocab

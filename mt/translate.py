@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mt.config import load_config
-from mt.data import read_lines
+from mt.data import iter_lines, read_lines
 from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, open_ensemble, score
 from mt.errors import DataError, MTError
 from mt.progress import progress_bar
@@ -69,9 +69,15 @@ class Translator:
         """The model's decoding defaults (its config's decode section) with `changes` that are not None."""
         return DecodeOptions.from_config(self.config.decode, **changes)
 
-    def translate_ids(self, sources: list[list[int]], options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
-        """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order."""
-        return decode(self.engine, sources, options or self.options())
+    def translate_ids(
+        self,
+        sources: list[list[int]],
+        options: DecodeOptions | None = None,
+        prefixes: list[list[int]] | None = None,
+    ) -> list[list[Hypothesis]]:
+        """Source piece ids (no EOS) -> the `options.nbest` best hypotheses of each, in input order;
+        with `prefixes` (target piece ids), each hypothesis starts with its source's prefix."""
+        return decode(self.engine, sources, options or self.options(), prefixes)
 
     def score(
         self, sources: list[str], targets: list[str], options: DecodeOptions | None = None, chunk_lines: int = 2000
@@ -108,22 +114,47 @@ class Translator:
         return self.translate_chunks(iter(lambda: list(islice(lines, chunk_lines)), []), options)
 
     def translate_chunks(
-        self, chunks: Iterable[list[str]], options: DecodeOptions | None = None
+        self, chunks: Iterable[list[str] | list[tuple[str, str]]], options: DecodeOptions | None = None
     ) -> Iterator[list[Translation]]:
-        """Like `translate`, for input already cut into chunks (each is sorted and batched on its own)."""
+        """Like `translate`, for input already cut into chunks (each is sorted and batched on its own).
+
+        A line may be a (source, prefix) pair: its translation starts with the prefix ("" for none)
+        and the search continues after it.
+        """
         options = options or self.options()
         for chunk in chunks:
             yield from self._translate_chunk(chunk, options)
 
-    def _translate_chunk(self, chunk: list[str], options: DecodeOptions) -> list[list[Translation]]:
-        wanted = [i for i, line in enumerate(chunk) if line.strip()]
-        sources = self.tokenizer.encode_src([chunk[i].strip() for i in wanted])
+    def _translate_chunk(
+        self, chunk: list[str] | list[tuple[str, str]], options: DecodeOptions
+    ) -> list[list[Translation]]:
+        pairs = [line if isinstance(line, tuple) else (line, "") for line in chunk]
+        wanted = [i for i, (source, _) in enumerate(pairs) if source.strip()]
+        sources = self.tokenizer.encode_src([pairs[i][0].strip() for i in wanted])
+        prefixes = [pairs[i][1].strip() for i in wanted]
+        forced = self.tokenizer.encode_tgt(prefixes) if any(prefixes) else None
         blank = [Translation("", 0.0)] * options.nbest  # n-best output has nbest lines for every input line
         results: list[list[Translation]] = [list(blank) for _ in chunk]
-        for i, hyps in zip(wanted, self.translate_ids(sources, options)):
+        for i, hyps in zip(wanted, self.translate_ids(sources, options, forced)):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
         return results
+
+
+def split_tabs(chunks: Iterable[list[str]]) -> Iterator[list[tuple[str, str]]]:
+    """Chunks of `source<TAB>prefix` lines -> chunks of (source, prefix) pairs ("" where no tab)."""
+    for chunk in chunks:
+        yield [tuple(line.partition("\t")[::2]) for line in chunk]
+
+
+def with_prefix_file(chunks: Iterable[list[str]], path: Path) -> Iterator[list[tuple[str, str]]]:
+    """Chunks of input lines -> chunks of (line, prefix) pairs, the prefixes the lines of `path`."""
+    prefixes = iter_lines(path)
+    for chunk in chunks:
+        taken = list(islice(prefixes, len(chunk)))
+        if len(taken) < len(chunk):
+            raise DataError(f"{path}: has fewer lines than the input (one target prefix per input line)")
+        yield list(zip(chunk, taken))
 
 
 def translate_file(translator: Translator, path: Path, options: DecodeOptions | None = None) -> list[str]:

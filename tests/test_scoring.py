@@ -46,8 +46,12 @@ def test_mt_score_prints_one_line_per_pair_and_refuses_misaligned_files(tmp_path
     assert result.returncode == 2 and "has 5 lines" in result.stderr and "line-aligned" in result.stderr
 
 
-def test_scoring_a_ctranslate2_export_is_a_clear_error(tmp_path):
+def test_a_ctranslate2_export_scores_as_the_model_does(tmp_path):
     pytest.importorskip("ctranslate2")
     run_mt("export", str(RUN), "--quantization", "float32", "-o", str(tmp_path / "export"))
-    result = run_mt("score", str(tmp_path / "export"), "--src", str(SOURCE), "--tgt", str(SOURCE), check=False)
-    assert result.returncode == 2 and "forced scoring needs a run directory of mt's own model" in result.stderr
+    lines = SOURCE.read_text().splitlines()
+    ours, theirs = Translator(RUN, device="cpu"), Translator(tmp_path / "export", device="cpu")
+    assert type(theirs.engine).__name__ == "CTranslate2Engine"
+    targets = [" ".join(reversed(line.split())) for line in lines]
+    for a, b in zip(ours.score(lines, targets), theirs.score(lines, targets)):
+        assert b.pieces == pytest.approx(a.pieces, abs=1e-3)
