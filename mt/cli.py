@@ -223,6 +223,12 @@ def translate(
     top_k: int = typer.Option(0, help="Sample from the k most probable pieces only (0 = all)."),
     top_p: float = typer.Option(1.0, help="Sample from the smallest set of pieces with this much probability."),
     seed: int = typer.Option(1, help="Random seed of --sampling: the same seed gives the same output."),
+    alignment: bool = typer.Option(
+        False, "--alignment", help="Append ' ||| ' and word alignments 'i-j' (source i, target j) to each line."
+    ),
+    alignment_layer: int | None = typer.Option(
+        None, help="Decoder layer whose cross-attention aligns (default: the second to last)."
+    ),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -230,8 +236,10 @@ def translate(
     mt translate exported/multi30k_de_en_int8 < input.de > output.en   (a CTranslate2 export);
     mt translate runs/seed1 runs/seed2 < input.de   (an ensemble: log-probabilities averaged every step);
     printf 'Ein Hund rennt.\tA dog\n' | mt translate runs/multi30k_de_en --tsv   (a target prefix);
-    mt translate runs/multi30k_de_en --sampling --top-p 0.9 --nbest 4 --seed 7 < input.de
+    mt translate runs/multi30k_de_en --sampling --top-p 0.9 --nbest 4 --seed 7 < input.de;
+    mt translate runs/multi30k_de_en --alignment < input.de   ("A dog runs . ||| 0-0 1-1 2-2 3-3")
     """
+    from mt.alignment import format_alignment
     from mt.translate import Translator, read_chunks, split_tabs, with_prefix_file
 
     if tsv and prefix_file is not None:
@@ -253,15 +261,16 @@ def translate(
         chunks = split_tabs(chunks)
     elif prefix_file is not None:
         chunks = with_prefix_file(chunks, prefix_file)
+    layer = (
+        (alignment_layer if alignment_layer is not None else translator.default_align_layer()) if alignment else None
+    )
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
-    for index, translations in enumerate(translator.translate_chunks(chunks, options)):
-        if nbest == 1:
-            sys.stdout.write(translations[0].text + "\n")
-        else:
-            for t in translations:
-                sys.stdout.write(f"{index}\t{t.score:.4f}\t{t.text}\n")
+    for index, translations in enumerate(translator.translate_chunks(chunks, options, layer)):
+        for t in translations:
+            text = t.text if t.alignment is None else f"{t.text} ||| {format_alignment(t.alignment)}"
+            sys.stdout.write(text + "\n" if nbest == 1 else f"{index}\t{t.score:.4f}\t{text}\n")
         sys.stdout.flush()
         bar.update()
     bar.close()

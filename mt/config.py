@@ -92,6 +92,7 @@ class TrainConfig:
     score_test: bool = True  # at the end, translate and score data.test (if present) for the model card
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to RUN_DIR/tensorboard/
     # a run directory or checkpoint whose weights and tokenizer a new run starts from (fine-tuning);
     # the run records the exact checkpoint file here
     init_from: str | None = None

@@ -138,6 +138,21 @@ class TorchEngine:
                 results[index] = chosen[row, : len(targets[index]) + 1].tolist()
         return results
 
+    def cross_attention_of_layer(
+        self, sources: list[list[int]], targets: list[list[int]], layer: int, options: DecodeOptions
+    ) -> list[torch.Tensor]:
+        """Teacher-forced cross-attention of decoder `layer` (of the first model), heads averaged:
+        per pair (len(target) + 1, len(source) + 1), EOS last on both sides."""
+        lengths = [max(len(s), len(t)) + 1 for s, t in zip(sources, targets)]
+        results: list[torch.Tensor] = [torch.empty(0)] * len(sources)
+        for batch in make_batches(lengths, lengths, options.rows_per_batch):
+            src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
+            tgt_in = pad([targets[i] for i in batch], prefix=[BOS]).to(self.device)
+            weights = cross_attention_weights(self.model, src, tgt_in)[layer].mean(dim=1).float().cpu()
+            for row, index in enumerate(batch):
+                results[index] = weights[row, : len(targets[index]) + 1, : len(sources[index]) + 1]
+        return results
+
     def cross_attention(self, source: list[int], tokens: list[int]) -> torch.Tensor:
         """Teacher-forced cross-attention of `tokens` over `source`: (layers, heads, len(tokens)+1, len(source)+1);
         of the first model of an ensemble."""

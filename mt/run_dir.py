@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/step{N:08d}.pt     the last train.keep_checkpoints step checkpoints (exact resume)
     RUN_DIR/best.pt                        the weights with the best validation BLEU, for translation
     RUN_DIR/metrics.jsonl, README.md       metrics log and model card
+    RUN_DIR/tensorboard/                   the metrics log's numbers as TensorBoard events (train.tensorboard)
     RUN_DIR/cache/                         encoded corpora (mt.corpus_cache)
     RUN_DIR/.training.lock                 held by the one `mt train` that trains the run (its pid)
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, ConfigError
 from mt.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ CHECKPOINT_DIR = "checkpoints"
 JOINT_SPM, SRC_SPM, TGT_SPM = "spm.model", "spm.src.model", "spm.tgt.model"
 EXPORT_INFO, CT2_MODEL = "mt_export.json", "model.bin"
 TRAINING_LOCK = ".training.lock"
+TENSORBOARD_DIR = "tensorboard"
 _STEP_FILE = re.compile(r"^step(\d+)\.pt$")
 _VALID_SCORES = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
 
@@ -136,18 +138,43 @@ class StepCheckpoint:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to a run's metrics log (or, given no path, nothing: ranks other than 0)."""
+    """Appends one JSON object per line to a run's metrics log (or, given no path, nothing: ranks
+    other than 0); with `tensorboard`, its numbers also go to TensorBoard event files there."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: Path | None = None):
         self.handle = open(path, "a", encoding="utf-8", buffering=1) if path else None
+        self.events = None
+        if path and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's writer needs the tensorboard package
+                self.close()
+                raise ConfigError(
+                    "train.tensorboard: needs the tensorboard package (pip install 'mt[tensorboard]')"
+                ) from None
+            self.events = SummaryWriter(str(tensorboard))
 
     def write(self, **record) -> None:
         if self.handle:
             self.handle.write(json.dumps(record) + "\n")
+        if self.events is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.events.add_scalar(_event_tag(key), value, record["step"])
 
     def close(self) -> None:
         if self.handle:
             self.handle.close()
+        if self.events is not None:
+            self.events.close()
+
+
+def _event_tag(key: str) -> str:
+    """valid_bleu -> valid/bleu, test_chrf -> test/chrf, loss -> train/loss: TensorBoard groups by prefix."""
+    for split in ("valid", "test"):
+        if key.startswith(f"{split}_"):
+            return f"{split}/{key.removeprefix(split + '_')}"
+    return f"train/{key}"
 
 
 def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -237,6 +264,7 @@ class RunDir:
         self.cache = self.path / CACHE_DIR
         self.export_info = self.path / EXPORT_INFO
         self.training_lock = self.path / TRAINING_LOCK
+        self.tensorboard = self.path / TENSORBOARD_DIR
 
     def __str__(self) -> str:
         return str(self.path)

@@ -190,7 +190,9 @@ class TrainingRun:
         line = "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)"
         parameters = f"{count_parameters(self.model):,}"
         log.info(line, len(self.corpus), len(self.valid), *self.vocab, parameters, self.device, world.size)
-        self.metrics = MetricsLog(self.run.metrics if world.is_main else None)
+        self.metrics = MetricsLog(
+            self.run.metrics if world.is_main else None, self.run.tensorboard if t.tensorboard else None
+        )
         event = "resume" if self.resumed else "start"
         started = {"init_from": t.init_from} if t.init_from and not self.resumed else {}
         self.metrics.write(

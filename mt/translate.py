@@ -15,6 +15,7 @@ from typing import BinaryIO, TextIO
 import torch
 from torch import Tensor
 
+from mt.alignment import word_alignment
 from mt.config import load_config
 from mt.data import iter_lines, read_lines
 from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, open_ensemble, score
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 class Translation:
     text: str
     score: float
+    alignment: list[tuple[int, int]] | None = None  # (source word, target word) pairs, with `align_layer`
 
 
 class Translator:
@@ -114,19 +116,37 @@ class Translator:
         return self.translate_chunks(iter(lambda: list(islice(lines, chunk_lines)), []), options)
 
     def translate_chunks(
-        self, chunks: Iterable[list[str] | list[tuple[str, str]]], options: DecodeOptions | None = None
+        self,
+        chunks: Iterable[list[str] | list[tuple[str, str]]],
+        options: DecodeOptions | None = None,
+        align_layer: int | None = None,
     ) -> Iterator[list[Translation]]:
         """Like `translate`, for input already cut into chunks (each is sorted and batched on its own).
 
         A line may be a (source, prefix) pair: its translation starts with the prefix ("" for none)
-        and the search continues after it.
+        and the search continues after it. With `align_layer`, each translation carries its word
+        alignment, from that decoder layer's cross-attention (mt.alignment).
         """
         options = options or self.options()
+        if align_layer is not None:
+            self._check_layer(align_layer)
         for chunk in chunks:
-            yield from self._translate_chunk(chunk, options)
+            yield from self._translate_chunk(chunk, options, align_layer)
+
+    def default_align_layer(self) -> int:
+        """The second to last decoder layer: the last one attends less to the word being translated
+        (Garg et al. 2019 found alignments best in the penultimate layer)."""
+        return -2 if self.config.model.decoder_layers >= 2 else -1
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(self.engine, TorchEngine):
+            raise MTError("alignments need a run directory of mt's own model, not a CTranslate2 export")
+        layers = self.config.model.decoder_layers
+        if not -layers <= layer < layers:
+            raise MTError(f"--alignment-layer {layer}: the model has decoder layers 0..{layers - 1} (or -1..-{layers})")
 
     def _translate_chunk(
-        self, chunk: list[str] | list[tuple[str, str]], options: DecodeOptions
+        self, chunk: list[str] | list[tuple[str, str]], options: DecodeOptions, align_layer: int | None
     ) -> list[list[Translation]]:
         pairs = [line if isinstance(line, tuple) else (line, "") for line in chunk]
         wanted = [i for i, (source, _) in enumerate(pairs) if source.strip()]
@@ -135,10 +155,29 @@ class Translator:
         forced = self.tokenizer.encode_tgt(prefixes) if any(prefixes) else None
         blank = [Translation("", 0.0)] * options.nbest  # n-best output has nbest lines for every input line
         results: list[list[Translation]] = [list(blank) for _ in chunk]
-        for i, hyps in zip(wanted, self.translate_ids(sources, options, forced)):
+        found = self.translate_ids(sources, options, forced)
+        for i, hyps in zip(wanted, found):
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
+        if align_layer is not None:
+            self._add_alignments([results[i] for i in wanted], sources, found, align_layer, options)
         return results
+
+    def _add_alignments(
+        self,
+        translations: list[list[Translation]],
+        sources: list[list[int]],
+        found: list[list[Hypothesis]],
+        layer: int,
+        options: DecodeOptions,
+    ) -> None:
+        pairs = [(src, h.tokens) for src, hyps in zip(sources, found) for h in hyps]
+        weights = self.engine.cross_attention_of_layer([s for s, _ in pairs], [t for _, t in pairs], layer, options)
+        flat = [t for group in translations for t in group]
+        piece = self.tokenizer.src.id_to_piece, self.tokenizer.tgt.id_to_piece
+        for translation, (src, tokens), attention in zip(flat, pairs, weights):
+            src_pieces, tgt_pieces = [piece[0](i) for i in src], [piece[1](i) for i in tokens]
+            translation.alignment = word_alignment(attention[:-1, :-1], src_pieces, tgt_pieces)
 
 
 def split_tabs(chunks: Iterable[list[str]]) -> Iterator[list[tuple[str, str]]]:

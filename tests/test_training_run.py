@@ -114,3 +114,19 @@ def test_validation_leaves_out_pairs_longer_than_the_model_reads(make_run, tmp_p
     run = make_run("train.max_steps=2")
     assert len(run.valid) == 5 and len(run.valid.tgt_texts()) == 5
     assert run.train() == "max_steps" and _validated_steps(run) == [2]
+
+
+def test_tensorboard_events_hold_the_metrics_logs_series(make_run):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = make_run("train.max_steps=6", "train.valid_every=3", "train.tensorboard=true")
+    assert run.train() == "max_steps"
+    records = [json.loads(line) for line in run.run.metrics.read_text().splitlines()]
+    events = event_accumulator.EventAccumulator(str(run.run.tensorboard))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/tgt_tokens_per_s", "valid/bleu", "valid/loss"} <= set(
+        events.Tags()["scalars"]
+    )
+    losses = [r for r in records if "loss" in r]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in losses]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in losses], rel=1e-6)
+    assert [e.step for e in events.Scalars("valid/bleu")] == [3, 6]
