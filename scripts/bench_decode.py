@@ -62,6 +62,13 @@ def main() -> None:
         default=[],
         help="also time this `mt export` directory (repeatable)",
     )
+    parser.add_argument(
+        "--ensemble",
+        type=Path,
+        action="append",
+        default=[],
+        help="also time RUN_DIR ensembled with this run directory (repeatable: more members)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +105,25 @@ def main() -> None:
             print(f"{name}: cached / uncached = {fast['sent_per_s'] / slow['sent_per_s']:.2f}x, outputs {same}")
     for export_dir in args.ctranslate2:
         compare_ctranslate2(export_dir, args, sources, refs, results, translator.config.decode.max_tokens)
+    if args.ensemble:
+        compare_ensemble(args, sources, refs, results, translator.config.decode.max_tokens)
+
+
+def compare_ensemble(args, sources, refs, results, max_tokens: int) -> None:
+    """RUN_DIR and the --ensemble run directories as one ensemble: speed and BLEU against RUN_DIR alone."""
+    members = [args.run_dir, *args.ensemble]
+    ensemble = Translator(members, device=args.device, engine="torch")
+    ensemble.config.decode.max_tokens = max_tokens
+    measure(ensemble, sources[:16], 1, True)
+    for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
+        stats, texts = measure(ensemble, sources, beam, True)
+        alone, _ = results[(name, True)]
+        label = f"{name} x{len(members)}"
+        bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
+        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+        ratio = alone["sent_per_s"] / stats["sent_per_s"]
+        print(f"{name}: an ensemble of {len(members)} decodes {ratio:.2f}x slower than {args.run_dir} alone")
 
 
 def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_tokens: int) -> None:
