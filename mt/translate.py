@@ -171,7 +171,8 @@ class Translator:
         layer: int,
         options: DecodeOptions,
     ) -> None:
-        pairs = [(src, h.tokens) for src, hyps in zip(sources, found) for h in hyps]
+        limit = self.engine.max_source  # what decoding read of an over-long source
+        pairs = [(src[:limit], h.tokens) for src, hyps in zip(sources, found) for h in hyps]
         weights = self.engine.cross_attention_of_layer([s for s, _ in pairs], [t for _, t in pairs], layer, options)
         flat = [t for group in translations for t in group]
         piece = self.tokenizer.src.id_to_piece, self.tokenizer.tgt.id_to_piece

@@ -47,3 +47,15 @@ def test_alignment_through_the_cli_on_a_model_that_reverses(trained):
 def test_alignment_errors_are_one_line(tmp_path):
     bad = run_mt("translate", str(FIXTURE_RUN), "--alignment", "--alignment-layer", "3", stdin="1 2\n", check=False)
     assert bad.returncode == 2 and "decoder layers 0..0" in bad.stderr
+
+
+def test_an_over_long_source_is_aligned_on_what_the_model_read():
+    from mt.translate import Translator
+
+    translator = Translator(FIXTURE_RUN, device="cpu")
+    read = translator.engine.max_source
+    long_line = " ".join(["7"] * (read + 20))
+    [[long_one], [short_one]] = translator.translate_chunks([[long_line, "1 2 3"]], translator.options(beam=1), -1)
+    for found in (long_one, short_one):
+        assert [t for _, t in found.alignment] == list(range(len(found.text.split())))
+    assert max(s for s, _ in long_one.alignment) < read
