@@ -21,7 +21,7 @@ from mt.errors import CheckpointError, MTError
 from mt.files import atomic_write_text
 from mt.model import Transformer
 from mt.run_dir import RunDir, model_dir
-from mt.search import Hypothesis, max_lengths
+from mt.search import Hypothesis, length_limits
 from mt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -156,22 +156,19 @@ class CTranslate2Engine:
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
     ) -> list[list[Hypothesis]]:
-        # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
-        # sentences sharing a limit go together: a sorted batch has few limits
-        lengths = torch.tensor([len(ids) for ids in sources])
-        limits = max_lengths(lengths, options.max_len_a, options.max_len_b, self.max_positions)
-        if prefixes:
-            limits = torch.maximum(limits, torch.tensor([len(p) + 1 for p in prefixes])).clamp(
-                max=self.max_positions - 1
-            )
         if options.sampling:
             raise MTError(
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
                 "a seed (its issue #1757), so they could not be reproduced"
             )
+        # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
+        # sentences sharing a limit go together: a sorted batch has few limits
+        lengths = torch.tensor([len(ids) for ids in sources])
+        forced = torch.tensor([len(p) for p in prefixes]) if prefixes else None
+        limits = length_limits(lengths, forced, options, self.max_positions).tolist()
         found: list[list[Hypothesis]] = [[] for _ in sources]
-        for limit in sorted(set(limits.tolist())):
-            group = [i for i, value in enumerate(limits.tolist()) if value == limit]
+        for limit in sorted(set(limits)):
+            group = [i for i, value in enumerate(limits) if value == limit]
             results = self.translator.translate_batch(
                 [[self.src_pieces[i] for i in sources[index]] for index in group],
                 target_prefix=[[self.tgt_pieces[i] for i in prefixes[index]] for index in group] if prefixes else None,
@@ -185,11 +182,9 @@ class CTranslate2Engine:
                 num_hypotheses=options.nbest,
             )
             for index, r in zip(group, results):
-                found[index] += [
+                found[index] = [
                     self._hypothesis(tokens, score, options) for tokens, score in zip(r.hypotheses, r.scores)
                 ]
-        if options.sampling:
-            found = [sorted(hyps, key=lambda h: h.score, reverse=True) for hyps in found]
         return found
 
     def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:

@@ -255,8 +255,6 @@ def open_ensemble(
     """
     if kind == "ctranslate2" or any(run.is_export() for run in runs):
         raise MTError("an ensemble needs run directories of mt's own model: CTranslate2 exports cannot be ensembled")
-    if weights is not None and (len(weights) != len(runs) or min(weights) <= 0):
-        raise MTError(f"--weight: give one positive weight per model ({len(runs)} models, {len(weights)} weights)")
     torch_device = pick_device(device)
     models = []
     for run in runs:

@@ -216,12 +216,19 @@ def forced_pieces(table: Tensor | None, active: Tensor, length: int) -> Tensor |
     return table[active, length - 1]
 
 
-def length_limits(src: Tensor, table: Tensor | None, options: DecodeOptions, max_positions: int) -> Tensor:
-    """(B,) the most pieces (EOS included) each sentence's hypotheses may have: room for its prefix too."""
-    limit = max_lengths(source_lengths(src), options.max_len_a, options.max_len_b, max_positions)
-    if table is not None:
-        limit = torch.maximum(limit, (table >= 0).sum(dim=1) + 1).clamp(max=max_positions - 1)
+def length_limits(
+    src_lengths: Tensor, prefix_lengths: Tensor | None, options: DecodeOptions, max_positions: int
+) -> Tensor:
+    """(B,) the most pieces (EOS included) hypotheses of sources this long (EOS excluded) may have,
+    with room for their target prefixes' pieces too."""
+    limit = max_lengths(src_lengths, options.max_len_a, options.max_len_b, max_positions)
+    if prefix_lengths is not None:
+        limit = torch.maximum(limit, prefix_lengths + 1).clamp(max=max_positions - 1)
     return limit
+
+
+def prefix_lengths(table: Tensor | None) -> Tensor | None:
+    return None if table is None else (table >= 0).sum(dim=1)
 
 
 def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty: float) -> Tensor:
@@ -247,7 +254,7 @@ def greedy_search(
     models = as_models(model)
     states = models.start(src, options.use_cache)
     table = prefix_table(prefixes, src.device)
-    limit = length_limits(src, table, options, models.max_positions)
+    limit = length_limits(source_lengths(src), prefix_lengths(table), options, models.max_positions)
     prefix = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(src.size(0), device=src.device)
     active = torch.arange(src.size(0), device=src.device)  # original sentence index of each row
@@ -323,7 +330,7 @@ def beam_search(
     models = as_models(model)
     states = models.start(src, options.use_cache)
     table = prefix_table(prefixes, device)
-    limit = length_limits(src, table, options, models.max_positions)
+    limit = length_limits(source_lengths(src), prefix_lengths(table), options, models.max_positions)
     # the first step has one hypothesis (BOS) per sentence; afterwards there are K
     prefix = torch.full((batch, 1), BOS, dtype=torch.long, device=device)
     scores = torch.zeros(batch, 1, device=device)  # (n, hypotheses per sentence): their log-probs

@@ -139,13 +139,7 @@ class TrainingRun:
         path, checkpoint = latest
         if checkpoint.tokenizer != self.fingerprint or checkpoint.vocab != self.vocab:
             raise CheckpointError(f"{path}: trained with another tokenizer than the one in {self.run}")
-        try:
-            self.model.load_state_dict(checkpoint.model)
-        except RuntimeError as exc:  # e.g. config.yaml's model section edited by hand
-            first = str(exc).splitlines()[1:2] or str(exc).splitlines()[:1]
-            raise CheckpointError(
-                f"{path}: its weights do not fit the model of {self.run.config} ({first[0].strip()})"
-            ) from None
+        self.load_weights(checkpoint.model, path)
         self.trainer.load_state_dict(checkpoint.trainer)
         self.progress = checkpoint.progress
         if len(checkpoint.rng) == self.world.size:
@@ -159,6 +153,15 @@ class TrainingRun:
         log.info(line, self.run, path.name, p.step, p.epoch, p.batches_done, p.epoch + 1)
         return True
 
+    def load_weights(self, state: dict, path: Path) -> None:
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:  # e.g. config.yaml's model section edited by hand
+            first = str(exc).splitlines()[1:2] or str(exc).splitlines()[:1]
+            raise CheckpointError(
+                f"{path}: its weights do not fit the model of {self.run.config} ({first[0].strip()})"
+            ) from None
+
     def initialise(self) -> None:
         """A new run with `train.init_from`: the source's weights (and with `keep_optimizer` its
         optimizer state and step counter); data position, epochs and best scores start afresh."""
@@ -166,11 +169,7 @@ class TrainingRun:
         if source is None:
             return
         record = initial_weights(source, self.fingerprint, self.vocab, t.keep_optimizer, self.device)
-        try:
-            self.model.load_state_dict(record.model)
-        except RuntimeError as exc:
-            first = (str(exc).splitlines()[1:2] or str(exc).splitlines()[:1])[0].strip()
-            raise CheckpointError(f"{source.checkpoint}: its weights do not fit this model ({first})") from None
+        self.load_weights(record.model, source.checkpoint)
         if isinstance(record, StepCheckpoint):
             self.trainer.load_state_dict(record.trainer)
             self.progress.step = record.progress.step

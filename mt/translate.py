@@ -56,10 +56,10 @@ class Translator:
         self.config = load_config(runs[0].config)
         self.tokenizer = load_tokenizer(runs[0], self.config.tokenizer.joint)
         self.checkpoint = checkpoint or self.config.decode.checkpoint
+        if weights is not None and (len(weights) != len(runs) or min(weights) <= 0):
+            raise MTError(f"--weight: give one positive weight per model ({len(runs)} models, {len(weights)} weights)")
         if len(runs) > 1:
             self.engine: Engine = open_ensemble(runs, self.tokenizer, checkpoint, device, engine, weights)
-        elif weights is not None and len(weights) != 1:
-            raise MTError(f"--weight: give one weight per model (1 model, {len(weights)} weights)")
         else:
             self.engine = open_engine(runs[0], self.config, self.tokenizer, self.checkpoint, device, engine)
 
