@@ -47,6 +47,36 @@ def make_batches(
     return batches
 
 
+def direction_shares(sizes: Sequence[int], temperature: float) -> list[int]:
+    """Pairs each direction contributes to an epoch of sum(sizes) pairs: proportional to
+    size ** (1 / temperature), so a temperature above 1 gives small directions more turns."""
+    total = sum(sizes)
+    weights = np.array([n ** (1.0 / temperature) if n else 0.0 for n in sizes])
+    if not total or not weights.sum():
+        return list(sizes)
+    return [int(round(total * w / weights.sum())) for w in weights]
+
+
+def sample_directions(ranges: Sequence[range], temperature: float, seed: int) -> np.ndarray | None:
+    """One epoch's pair indices when directions (`ranges` of a multilingual corpus) are drawn by
+    temperature: a direction given more pairs than it has repeats them all and draws the rest, one
+    given fewer draws without replacement. None when that is every pair once (one direction, or
+    shares equal to the sizes)."""
+    sizes = [len(r) for r in ranges]
+    shares = direction_shares(sizes, temperature)
+    if shares == sizes:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for pairs, share in zip(ranges, shares):
+        if not len(pairs):
+            continue
+        rounds, rest = divmod(share, len(pairs))
+        whole = np.tile(np.arange(pairs.start, pairs.stop), rounds)
+        chosen.append(np.concatenate([whole, pairs.start + rng.choice(len(pairs), rest, replace=False)]))
+    return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
 def _by_length(src: np.ndarray, tgt: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Positions in `order` sorted by (source, target) length, stably: one 4-byte key where lengths fit."""
     if len(src) and max(int(src.max()), int(tgt.max())) < 1 << 16 and min(int(src.min()), int(tgt.min())) >= 0:

@@ -72,7 +72,10 @@ def _report(reports: dict) -> None:
 @data_app.command("fetch")
 def data_fetch(
     name: str | None = typer.Argument(None, help="Built-in corpus: multi30k."),
-    pair: str = typer.Option("de-en", help="Source-target languages, e.g. de-en."),
+    pair: str | None = typer.Option(None, help="Source-target languages, e.g. de-en (the default)."),
+    langs: str | None = typer.Option(
+        None, help="multi30k: several languages, e.g. en,de,fr,cs: one multi-way directory for data.directions."
+    ),
     source: str | None = typer.Option(
         None,
         help="Directory or URL mirroring the corpus files (multi30k; default $MT_MULTI30K_SOURCE or the public URL).",
@@ -85,6 +88,7 @@ def data_fetch(
     """Download a corpus into plain line-aligned files plus manifest.json.
 
     Examples: mt data fetch multi30k --pair de-en;
+    mt data fetch multi30k --langs en,de,fr,cs   (data/multi30k: every direction of the four);
     mt data fetch --hf iwslt2017 --hf-config iwslt2017-de-en --pair de-en
     """
     from mt import data
@@ -92,9 +96,11 @@ def data_fetch(
     if hf is not None:
         if name is not None:
             raise MTError("give either a corpus NAME or --hf, not both")
-        reports = data.fetch_hub(hf, pair, hf_config, out, force)
+        reports = data.fetch_hub(hf, pair or "de-en", hf_config, out, force)
     elif name == "multi30k":
-        reports = data.fetch_multi30k(pair, out, source, force)
+        if pair and langs:
+            raise MTError("give --pair or --langs, not both")
+        reports = data.fetch_multi30k(pair, out, source, force, langs)
     else:
         raise MTError(f"unknown corpus {name!r}: use multi30k, or --hf NAME for a Hugging Face dataset")
     _report(reports)

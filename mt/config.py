@@ -33,6 +33,10 @@ class DataConfig:
     max_length: int = 256  # training pairs longer than this (in pieces) on either side are skipped
     max_length_ratio: float = 9.0  # ... and pairs whose longer side has more than this x the pieces of the other
     errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8 in a corpus: fail naming the line, or replace
+    # several directions in one model, e.g. [de-en, en-de, fr-en]: each from `dir` (a multi-way corpus
+    # serves them all) or its own, `fr-en:data/other`; the source starts with a target-language tag
+    # such as <2fr>. Empty: the one pair src-tgt, untagged
+    directions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +92,9 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints besides those at validations; 0 = only at validations
     keep_checkpoints: int = 5  # the last K step checkpoints stay in RUN_DIR/checkpoints (best.pt apart)
     patience: int = 0  # stop after this many validations without a better BLEU (ties: lower loss); 0 = never
+    # directions are drawn with probability proportional to pairs ** (1 / T) each epoch: 1 keeps the
+    # corpus proportions, larger values give small directions more turns (fairseq, M2M-100)
+    direction_temperature: float = 5.0
     max_bad_steps: int = 5  # updates in a row with a non-finite loss or gradient before the run stops
     score_test: bool = True  # at the end, translate and score data.test (if present) for the model card
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -109,6 +116,42 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
     checkpoint: str = BEST  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One translation direction of a config and the corpus directory that holds it."""
+
+    src: str
+    tgt: str
+    dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.src}-{self.tgt}"
+
+
+_DIRECTION = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)-([A-Za-z][A-Za-z0-9_]*)(?::(.+))?$")
+
+
+def parse_direction(text: str, default_dir: str, key: str = "data.directions") -> Direction:
+    """`de-en` (from `default_dir`) or `de-en:DIR` -> Direction."""
+    match = _DIRECTION.match(str(text).strip())
+    if not match or match.group(1) == match.group(2):
+        raise ConfigError(f"{key}: {text!r} is not a direction such as de-en or de-en:data/corpus")
+    return Direction(match.group(1), match.group(2), match.group(3) or default_dir)
+
+
+def directions(data: DataConfig) -> list[Direction]:
+    """The config's directions: `data.directions`, or the one pair data.src-data.tgt."""
+    if not data.directions:
+        return [Direction(data.src, data.tgt, data.dir)]
+    return [parse_direction(text, data.dir) for text in data.directions]
+
+
+def target_languages(data: DataConfig) -> list[str]:
+    """The languages a multilingual config translates into, in their first order; [] for a single pair."""
+    return list(dict.fromkeys(d.tgt for d in directions(data))) if data.directions else []
 
 
 @dataclass
@@ -203,6 +246,11 @@ def _validate(config: Config) -> None:
             config.tokenizer.joint or not config.tokenizer.extra_text,
             "tokenizer.extra_text needs a joint vocabulary (tokenizer.joint: true)",
         ),
+        (
+            config.tokenizer.joint or not config.data.directions,
+            "data.directions needs a joint vocabulary (tokenizer.joint: true)",
+        ),
+        (t.direction_temperature > 0, "train.direction_temperature must be positive"),
         (t.max_tokens > 0, "train.max_tokens must be positive"),
         (t.update_freq >= 1, "train.update_freq must be at least 1"),
         (t.lr > 0 and t.warmup_steps >= 0, "train.lr must be positive, train.warmup_steps >= 0"),
@@ -223,6 +271,10 @@ def _validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    names = [parse_direction(text, config.data.dir).name for text in config.data.directions]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"data.directions: {', '.join(repeated)} listed twice")
     if t.max_time is not None:
         parse_duration(t.max_time)
 

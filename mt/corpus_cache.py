@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 from typing import BinaryIO
@@ -27,13 +28,13 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from mt.config import Config
+from mt.config import Config, directions, target_languages
 from mt.data import corpus_files, file_sha256, iter_pairs
 from mt.errors import DataError
-from mt.files import atomic_write, atomic_write_text
+from mt.files import FileSet, atomic_write, atomic_write_text
 from mt.progress import progress_bar
 from mt.run_dir import RunDir
-from mt.tokenizer import Tokenizer, load_tokenizer, prepare_tokenizer
+from mt.tokenizer import Tokenizer, load_tokenizer, prepare_multilingual_tokenizer, prepare_tokenizer
 from mt.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,22 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@dataclass(frozen=True)
+class CorpusPart:
+    """Line-aligned files of one direction, encoded into a split after the parts before it."""
+
+    src_path: Path
+    tgt_path: Path
+    name: str = ""  # the direction (de-en) of a multilingual split; "" for a single pair
+    src_prefix: tuple[int, ...] = ()  # ids put before each source, e.g. the target-language tag
+
+
 class EncodedCorpus:
-    """One split's pairs as memory-mapped piece ids (without BOS/EOS) and their lengths."""
+    """One split's pairs as memory-mapped piece ids (without BOS/EOS) and their lengths.
+
+    A multilingual split holds its directions one after the other: `parts` names each with the
+    range of pair indices it has.
+    """
 
     def __init__(self, cache_dir: Path, split: str):
         meta = json.loads((cache_dir / f"{split}.json").read_text())
@@ -60,6 +75,11 @@ class EncodedCorpus:
         self.src_ids = self._map(cache_dir / f"{split}.src.bin", dtype)
         self.tgt_ids = self._map(cache_dir / f"{split}.tgt.bin", dtype)
         self._texts_path = cache_dir / f"{split}.tgt.txt"
+        self.parts: list[tuple[str, range]] = []
+        start = 0
+        for part in meta.get("parts", [{"name": "", "pairs": len(self.src_piece_counts)}]):
+            self.parts.append((part["name"], range(start, start + part["pairs"])))
+            start += part["pairs"]
 
     @staticmethod
     def _map(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -147,20 +167,28 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[
 
 
 def _cache_key(
-    src_path: Path,
-    tgt_path: Path,
+    parts: list[CorpusPart],
     tokenizer: Tokenizer,
     max_length: int | None,
     max_length_ratio: float,
     errors: str,
     texts: bool,
 ) -> dict:
+    files = [
+        {"src": str(p.src_path), "src_sha256": file_sha256(p.src_path)}
+        | {"tgt": str(p.tgt_path), "tgt_sha256": file_sha256(p.tgt_path)}
+        for p in parts
+    ]
+    single = len(parts) == 1 and not parts[0].name and not parts[0].src_prefix
+    # one pair keeps the key every earlier version wrote, so its caches are reused
+    sources = (
+        files[0]
+        if single
+        else {"parts": [f | {"name": p.name, "src_prefix": list(p.src_prefix)} for f, p in zip(files, parts)]}
+    )
     key = {
         "format": FORMAT,
-        "src": str(src_path),
-        "src_sha256": file_sha256(src_path),
-        "tgt": str(tgt_path),
-        "tgt_sha256": file_sha256(tgt_path),
+        **sources,
         "tokenizer": tokenizer.fingerprint(),
         "max_length": max_length,
         "max_length_ratio": max_length_ratio,
@@ -180,17 +208,32 @@ def prepare_corpus(
     errors: str = "strict",
     texts: bool = False,
 ) -> EncodedCorpus:
-    """Encode a split into `cache_dir` (or reuse the files there when nothing changed) and map it.
+    """`prepare_parts` of one pair of files."""
+    part = CorpusPart(Path(src_path), Path(tgt_path))
+    return prepare_parts(cache_dir, split, [part], tokenizer, max_length, max_length_ratio, errors, texts)
 
-    Pairs with more than `max_length` pieces on either side, or whose longer side has more than
-    `max_length_ratio` times the pieces of the shorter one (0: no such limit), are left out and
-    counted; `errors` says what invalid UTF-8 does (see `mt.data.iter_lines`). Every file
-    is written to a temporary name and renamed; `{split}.json` is written last, so an interrupted
-    encoding is never mistaken for a finished one.
+
+def prepare_parts(
+    cache_dir: Path,
+    split: str,
+    parts: list[CorpusPart],
+    tokenizer: Tokenizer,
+    max_length: int | None,
+    max_length_ratio: float = 0.0,
+    errors: str = "strict",
+    texts: bool = False,
+) -> EncodedCorpus:
+    """Encode a split (its parts in order) into `cache_dir`, or reuse the files there when nothing changed.
+
+    Pairs with more than `max_length` pieces on either side (a part's source prefix included), or
+    whose longer side has more than `max_length_ratio` times the pieces of the shorter one (0: no
+    such limit), are left out and counted; `errors` says what invalid UTF-8 does (see
+    `mt.data.iter_lines`). Every file is written to a temporary name and renamed; `{split}.json` is
+    written last, so an interrupted encoding is never mistaken for a finished one.
     """
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / f"{split}.json"
-    key = _cache_key(src_path, tgt_path, tokenizer, max_length, max_length_ratio, errors, texts)
+    key = _cache_key(parts, tokenizer, max_length, max_length_ratio, errors, texts)
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
@@ -211,25 +254,25 @@ def prepare_corpus(
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=cache_dir) as raw_lengths:  # streamed, so memory stays flat in corpus size
-
-        def write_both(src_handle) -> None:
-            pairs = iter_pairs(src_path, tgt_path, errors)
-            atomic_write(
-                cache_dir / f"{split}.tgt.bin",
-                lambda tgt_handle: encoding.run(pairs, src_handle, tgt_handle, raw_lengths, split),
+        with FileSet() as files:
+            src_handle, tgt_handle = (
+                files.open(cache_dir / f"{split}.src.bin"),
+                files.open(cache_dir / f"{split}.tgt.bin"),
             )
-
-        atomic_write(cache_dir / f"{split}.src.bin", write_both)
+            for part in parts:
+                pairs = iter_pairs(part.src_path, part.tgt_path, errors)
+                encoding.run(pairs, src_handle, tgt_handle, raw_lengths, split, part.src_prefix)
         lengths_path = cache_dir / f"{split}.lengths.npy"
         atomic_write(lengths_path, lambda handle: _write_lengths(handle, raw_lengths, encoding.pairs))
     if texts:
         atomic_write_text(cache_dir / f"{split}.tgt.txt", "".join(line + "\n" for line in encoding.kept_targets))
+    where = parts[0].src_path if len(parts) == 1 else cache_dir / split
     if encoding.too_long:
-        log.warning("%s: left out %d pairs of %d pieces or more", src_path, encoding.too_long, max_length)
+        log.warning("%s: left out %d pairs of %d pieces or more", where, encoding.too_long, max_length)
     if encoding.bad_ratio:
         log.warning(
             "%s: left out %d pairs with a length ratio over data.max_length_ratio=%g",
-            src_path,
+            where,
             encoding.bad_ratio,
             max_length_ratio,
         )
@@ -241,6 +284,8 @@ def prepare_corpus(
         "skipped_length_ratio": encoding.bad_ratio,
         "sample_sha256": _sample_digest(cache_dir, split),
     }
+    if len(parts) > 1 or parts[0].name:
+        meta["parts"] = [{"name": p.name, "pairs": n} for p, n in zip(parts, encoding.part_pairs)]
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     log.info("%s: encoded %d %s pairs (%d + %d pieces)", cache_dir, encoding.pairs, split, *encoding.pieces)
     return EncodedCorpus(cache_dir, split)
@@ -282,19 +327,49 @@ def _damage(cache_dir: Path, split: str, meta: dict) -> str | None:
     return None
 
 
+def run_parts(config: Config, split: str, tokenizer: Tokenizer | None = None) -> list[CorpusPart]:
+    """The files of `split` for each direction of the config (checked to exist and hold pairs); with
+    `tokenizer`, a multilingual config's sources are prefixed with their target-language tag."""
+    d = config.data
+    parts = []
+    for direction in directions(d):
+        src_path, tgt_path = corpus_files(direction.dir, split, direction.src, direction.tgt)
+        if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
+            raise DataError(f"{src_path}: no sentence pairs")
+        if not d.directions:
+            parts.append(CorpusPart(src_path, tgt_path))
+            continue
+        tag = () if tokenizer is None else (tokenizer.language_tags[direction.tgt],)
+        parts.append(CorpusPart(src_path, tgt_path, direction.name, tag))
+    return parts
+
+
+def _run_tokenizer(config: Config, run: RunDir, train_parts: list[CorpusPart]) -> Tokenizer:
+    """Train (where missing) and load the run's tokenizer on the training files."""
+    d = config.data
+    if not d.directions:
+        return prepare_tokenizer(run, config.tokenizer, train_parts[0].src_path, train_parts[0].tgt_path, d.errors)
+    files: dict[str, list[Path]] = {}
+    for direction, part in zip(directions(d), train_parts):
+        for lang, path in ((direction.src, part.src_path), (direction.tgt, part.tgt_path)):
+            if path.resolve() not in [p.resolve() for p in files.setdefault(lang, [])]:
+                files[lang].append(path)  # a multi-way corpus's train.en serves every direction once
+    return prepare_multilingual_tokenizer(run, config.tokenizer, files, target_languages(d), d.errors)
+
+
 def prepare_run_data(
     config: Config, run: RunDir, main: bool = True, wait: Callable[[], None] = lambda: None
 ) -> tuple[Tokenizer, EncodedCorpus, EncodedCorpus]:
     """The run directory's tokenizer and encoded train/valid corpora: made by the `main` process (trained
-    and encoded where missing or changed), loaded by the others once `wait()` returns."""
+    and encoded where missing or changed), loaded by the others once `wait()` returns.
+
+    A multilingual config (`data.directions`) encodes every direction into one split, one after the
+    other, each source starting with its target-language tag."""
     d, cache = config.data, run.cache
-    train_files = corpus_files(d.dir, d.train, d.src, d.tgt)
-    valid_files = corpus_files(d.dir, d.valid, d.src, d.tgt)
-    for src_path, tgt_path in (train_files, valid_files):
-        if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
-            raise DataError(f"{src_path}: no sentence pairs")
+    train_parts, valid_parts = run_parts(config, d.train), run_parts(config, d.valid)
+    limit = config.model.max_positions
     if main:
-        tokenizer = prepare_tokenizer(run, config.tokenizer, *train_files, errors=d.errors)
+        tokenizer = _run_tokenizer(config, run, train_parts)
         sizes = {tokenizer.src_vocab_size, tokenizer.tgt_vocab_size}
         if max(sizes) < config.tokenizer.vocab_size:  # SentencePiece takes what a small corpus has
             log.warning(
@@ -302,23 +377,25 @@ def prepare_run_data(
                 config.tokenizer.vocab_size,
                 "/".join(str(n) for n in sorted(sizes)),
             )
+        if d.directions:
+            train_parts, valid_parts = run_parts(config, d.train, tokenizer), run_parts(config, d.valid, tokenizer)
         # a pair must also fit the model's positions (with BOS/EOS), whatever data.max_length says
         longest = min(d.max_length, config.model.max_positions)
-        train = prepare_corpus(cache, d.train, *train_files, tokenizer, longest, d.max_length_ratio, d.errors)
+        train = prepare_parts(cache, d.train, train_parts, tokenizer, longest, d.max_length_ratio, d.errors)
         # validation pairs must fit the model's positions; their references are kept as text
-        limit = config.model.max_positions
-        valid = prepare_corpus(cache, d.valid, *valid_files, tokenizer, limit, 0.0, d.errors, texts=True)
+        valid = prepare_parts(cache, d.valid, valid_parts, tokenizer, limit, 0.0, d.errors, texts=True)
     wait()
     if not main:
         tokenizer = load_tokenizer(run, config.tokenizer.joint)
         train, valid = EncodedCorpus(cache, d.train), EncodedCorpus(cache, d.valid)
     if len(train) == 0:
         raise DataError(
-            f"{train_files[0]}: no pairs shorter than data.max_length={d.max_length} "
+            f"{train_parts[0].src_path}: no pairs shorter than data.max_length={d.max_length} "
             f"and model.max_positions={config.model.max_positions} pieces"
         )
-    if len(valid) == 0:
-        raise DataError(f"{valid_files[0]}: no pairs within model.max_positions={config.model.max_positions}")
+    for part, (_, pairs) in zip(valid_parts, valid.parts):
+        if len(pairs) == 0:
+            raise DataError(f"{part.src_path}: no pairs within model.max_positions={limit}")
     return tokenizer, train, valid
 
 
@@ -331,6 +408,7 @@ class _Encoding:
         self.tokenizer, self.dtype, self.texts = tokenizer, dtype, texts
         self.max_length, self.max_length_ratio = max_length, max_length_ratio
         self.pairs, self.pieces = 0, [0, 0]  # kept pairs, and their source and target pieces
+        self.part_pairs: list[int] = []  # kept pairs of each part
         self.kept_targets: list[str] = []
         self.too_long = self.bad_ratio = 0
 
@@ -345,11 +423,18 @@ class _Encoding:
             keep &= ratio_ok
         return keep
 
-    def run(self, pairs: Iterator[tuple[str, str]], src_handle, tgt_handle, lengths_handle, split: str) -> None:
+    def run(
+        self, pairs: Iterator[tuple[str, str]], src_handle, tgt_handle, lengths_handle, split: str, prefix=()
+    ) -> None:
+        """Encode one part's pairs (each source after `prefix`), appending to the handles."""
         threads = _cpu_count()
+        before = self.pairs
+        prefix = list(prefix)
         bar = progress_bar(desc=f"encoding {split}", unit=" pairs", unit_scale=True, leave=False)
         for chunk in _chunks(pairs, CHUNK_PAIRS):
             src_ids = self.tokenizer.encode_src([s for s, _ in chunk], threads)
+            if prefix:
+                src_ids = [prefix + ids for ids in src_ids]
             tgt_ids = self.tokenizer.encode_tgt([t for _, t in chunk], threads)
             counts = np.array([(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)], dtype=np.int32)
             keep = self.keep(counts)
@@ -365,3 +450,4 @@ class _Encoding:
                 self.kept_targets.extend(t for (_, t), k in zip(chunk, kept) if k)
             bar.update(len(chunk))
         bar.close()
+        self.part_pairs.append(self.pairs - before)

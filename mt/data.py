@@ -104,38 +104,38 @@ RawPairs = Iterable[tuple[str, str]]  # line-aligned (source, target) lines, bef
 def write_corpus(
     out_dir: str | Path,
     splits: dict[str, RawPairs],
-    src_lang: str,
-    tgt_lang: str,
+    langs: tuple[str, ...],
     source: str,
     force: bool = False,
 ) -> dict[str, SplitReport]:
     """Write `{split}.{lang}` files and merge their record into `manifest.json`, all or nothing.
 
-    The pairs are streamed (memory stays bounded whatever the corpus size); pairs with an empty
-    side are dropped and counted. Existing split files are never overwritten unless `force` is set.
+    Each split yields line-aligned tuples of texts, one per language of `langs` (two for a pair,
+    more for a multi-way corpus such as Multi30k in four languages). They are streamed (memory
+    stays bounded whatever the corpus size); tuples with an empty side are dropped and counted.
+    Existing split files are never overwritten unless `force` is set.
     """
     out = Path(out_dir)
     manifest_path = out / MANIFEST
-    manifest = {"src": src_lang, "tgt": tgt_lang, "splits": {}}
+    manifest = {"src": langs[0], "tgt": langs[1], "splits": {}} if len(langs) == 2 else {"langs": list(langs)}
+    manifest.setdefault("splits", {})
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{manifest_path}: unreadable manifest: {exc}") from None
-        if (manifest.get("src"), manifest.get("tgt")) != (src_lang, tgt_lang):
-            raise DataError(
-                f"{out}: holds {manifest.get('src')}-{manifest.get('tgt')}, not {src_lang}-{tgt_lang}; "
-                "choose another --out"
-            )
+        held = manifest_languages(manifest)
+        if held != list(langs):
+            raise DataError(f"{out}: holds {'-'.join(held)}, not {'-'.join(langs)}; choose another --out")
     if not force:
         for split in splits:
-            for lang in (src_lang, tgt_lang):
+            for lang in langs:
                 if (out / f"{split}.{lang}").exists():
                     raise DataError(f"{out / f'{split}.{lang}'} already exists (use --force to replace it)")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        reports = _write_splits(out, splits, src_lang, tgt_lang, source, manifest)
+        reports = _write_splits(out, splits, langs, source, manifest)
     except BaseException:
         if created and not any(out.iterdir()):  # a failed import leaves no empty directory behind
             out.rmdir()
@@ -146,13 +146,18 @@ def write_corpus(
     return reports
 
 
-def _write_splits(out: Path, splits: dict[str, RawPairs], src_lang, tgt_lang, source, manifest) -> dict:
+def manifest_languages(manifest: dict) -> list[str]:
+    """The languages of a corpus directory's manifest, in file order (a pair: source, target)."""
+    return list(manifest["langs"]) if "langs" in manifest else [manifest.get("src"), manifest.get("tgt")]
+
+
+def _write_splits(out: Path, splits: dict[str, RawPairs], langs: tuple[str, ...], source, manifest) -> dict:
     reports = {}
     with FileSet() as files:  # every split file and the manifest, or none of them
-        for split, pairs in splits.items():
-            sides = [(files.open(out / f"{split}.{lang}"), hashlib.sha256()) for lang in (src_lang, tgt_lang)]
+        for split, rows in splits.items():
+            sides = [(files.open(out / f"{split}.{lang}"), hashlib.sha256()) for lang in langs]
             kept = dropped = 0
-            for raw in pairs:
+            for raw in rows:
                 cleaned = [_clean(text) for text in raw]
                 if not all(cleaned):
                     dropped += 1
@@ -164,21 +169,23 @@ def _write_splits(out: Path, splits: dict[str, RawPairs], src_lang, tgt_lang, so
                     digest.update(line)
             if not kept:
                 raise DataError(f"{source}: split {split!r} has no sentence pairs")
-            digests = {lang: digest.hexdigest() for lang, (_, digest) in zip((src_lang, tgt_lang), sides)}
+            digests = {lang: digest.hexdigest() for lang, (_, digest) in zip(langs, sides)}
             manifest["splits"][split] = {"pairs": kept, "dropped_empty": dropped, "sha256": digests, "source": source}
             reports[split] = SplitReport(kept, dropped)
         files.write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return reports
 
 
-def aligned(src: Iterable[str], tgt: Iterable[str], src_name: str, tgt_name: str) -> Iterator[tuple[str, str]]:
-    """Pairs of two line sequences that must have the same length (checked as they are read)."""
+def aligned(*sides: tuple[str, Iterable[str]]) -> Iterator[tuple[str, ...]]:
+    """Tuples of line sequences (given as (name, lines)) that must have the same length, checked as read."""
     missing = object()
-    for number, (s, t) in enumerate(zip_longest(src, tgt, fillvalue=missing), 1):
-        if s is missing or t is missing:
-            short, long_ = (src_name, tgt_name) if s is missing else (tgt_name, src_name)
+    names = [name for name, _ in sides]
+    for number, row in enumerate(zip_longest(*(lines for _, lines in sides), fillvalue=missing), 1):
+        if any(text is missing for text in row):
+            short = names[row.index(missing)]
+            long_ = names[next(i for i, text in enumerate(row) if text is not missing)]
             raise DataError(f"{short} ends at line {number - 1} but {long_} goes on: the files are not aligned")
-        yield s, t
+        yield row
 
 
 def _datasets():
@@ -211,11 +218,24 @@ def _load_text_files(files: dict[str, str]) -> dict[str, list[str]]:
 
 
 def fetch_multi30k(
-    pair: str, out_dir: str | Path | None = None, source: str | None = None, force: bool = False
+    pair: str | None = "de-en",
+    out_dir: str | Path | None = None,
+    source: str | None = None,
+    force: bool = False,
+    langs: str | None = None,
 ) -> dict[str, SplitReport]:
-    """Multi30k task 1 from its public raw files, or from a mirror (directory or URL) with the same names."""
-    src_lang, tgt_lang = parse_pair(pair)
-    for lang in (src_lang, tgt_lang):
+    """Multi30k task 1 from its public raw files, or from a mirror (directory or URL) with the same names.
+
+    `pair` (de-en) writes one language pair; `langs` (en,de,fr,cs) a multi-way corpus directory whose
+    files serve every direction between them (`data.directions`).
+    """
+    if langs:
+        chosen = tuple(dict.fromkeys(lang.strip() for lang in langs.split(",") if lang.strip()))
+        if len(chosen) < 2:
+            raise DataError(f"--langs {langs!r}: give at least two languages, e.g. en,de,fr,cs")
+    else:
+        chosen = parse_pair(pair or "de-en")
+    for lang in chosen:
         if lang not in MULTI30K_LANGS:
             raise DataError(f"multi30k has languages {', '.join(MULTI30K_LANGS)}; not {lang!r}")
     source = (source or os.environ.get(MULTI30K_SOURCE_ENV) or MULTI30K_URL).rstrip("/")
@@ -223,21 +243,16 @@ def fetch_multi30k(
         if not Path(source).is_dir():
             raise DataError(f"{source}: Multi30k source directory not found")
         source = str(Path(source).resolve())
-    out_dir = out_dir or Path("data") / f"multi30k-{src_lang}-{tgt_lang}"
+    out_dir = out_dir or Path("data") / ("multi30k" if langs else f"multi30k-{chosen[0]}-{chosen[1]}")
     texts = {
         lang: _load_text_files({split: f"{source}/{stem}.{lang}.gz" for split, stem in MULTI30K_SPLITS.items()})
-        for lang in (src_lang, tgt_lang)
+        for lang in chosen
     }
     splits = {
-        split: aligned(
-            texts[src_lang][split],
-            texts[tgt_lang][split],
-            f"{source}/{stem}.{src_lang}.gz",
-            f"{source}/{stem}.{tgt_lang}.gz",
-        )
+        split: aligned(*((f"{source}/{stem}.{lang}.gz", texts[lang][split]) for lang in chosen))
         for split, stem in MULTI30K_SPLITS.items()
     }
-    return write_corpus(out_dir, splits, src_lang, tgt_lang, f"multi30k:{source}", force)
+    return write_corpus(out_dir, splits, chosen, f"multi30k:{source}", force)
 
 
 def fetch_hub(
@@ -262,7 +277,7 @@ def fetch_hub(
             raise DataError(f"{name}: no language {missing[0]!r} in its translations (has {sorted(first)})")
         splits[HF_SPLITS.get(hub_split, hub_split)] = _hub_pairs(rows, src_lang, tgt_lang)
     source = f"hf:{name}" + (f"/{config_name}" if config_name else "")
-    return write_corpus(out_dir, splits, src_lang, tgt_lang, source, force)
+    return write_corpus(out_dir, splits, (src_lang, tgt_lang), source, force)
 
 
 def _hub_pairs(rows, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
@@ -299,9 +314,9 @@ def import_files(
         src, tgt = Path(src), Path(tgt)
         src_lang, tgt_lang = parse_pair(pair) if pair else (_lang_of(src), _lang_of(tgt))
         src_name, tgt_name = str(src), str(tgt)
-        pairs = aligned(iter_lines(src, errors), iter_lines(tgt, errors), src_name, tgt_name)
+        pairs = aligned((src_name, iter_lines(src, errors)), (tgt_name, iter_lines(tgt, errors)))
     source = f"import:{src_name}" + (f"+{tgt_name}" if tgt_name != src_name else "")
-    return write_corpus(out_dir, {split: pairs}, src_lang, tgt_lang, source, force)
+    return write_corpus(out_dir, {split: pairs}, (src_lang, tgt_lang), source, force)
 
 
 def _lang_of(path: Path) -> str:
@@ -326,7 +341,7 @@ def iter_pairs(src_path: Path, tgt_path: Path, errors: str = "strict") -> Iterat
     `errors`: what invalid UTF-8 does, as in `iter_lines`.
     """
     dropped = 0
-    for s, t in aligned(iter_lines(src_path, errors), iter_lines(tgt_path, errors), str(src_path), str(tgt_path)):
+    for s, t in aligned((str(src_path), iter_lines(src_path, errors)), (str(tgt_path), iter_lines(tgt_path, errors))):
         s, t = _clean(s), _clean(t)
         if s and t:
             yield s, t

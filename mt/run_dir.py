@@ -68,7 +68,8 @@ class Weights:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Weights:
-        scores = {k: state[k] for k in _VALID_SCORES if k in state}
+        # valid_loss, valid_ppl, valid_bleu, valid_chrf; a multilingual model's valid_bleu_de-en ... too
+        scores = {k: v for k, v in state.items() if k in _VALID_SCORES or k.startswith(("valid_bleu_", "valid_chrf_"))}
         return cls(
             state["model"],
             state.get("tokenizer"),

@@ -10,9 +10,11 @@ import hashlib
 import io
 import itertools
 import logging
+import random
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -23,7 +25,7 @@ from mt.errors import CheckpointError, DataError
 from mt.files import atomic_write
 from mt.progress import progress_bar
 from mt.run_dir import RunDir
-from mt.vocab import BOS, EOS, PAD, UNK
+from mt.vocab import BOS, EOS, PAD, TAG_PATTERN, UNK, language_tag
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,11 @@ def count_words(sentences: Iterable[str], limit: int = WORD_TYPES_LIMIT) -> Coun
     return counts
 
 
-def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerConfig, threads: int = 2) -> None:
-    """Train a SentencePiece model on `sentences` and write it to `path`.
+def train_sentencepiece(
+    sentences: Iterable[str], path: Path, config: TokenizerConfig, threads: int = 2, reserved: Sequence[str] = ()
+) -> None:
+    """Train a SentencePiece model on `sentences` and write it to `path`; `reserved` pieces (language
+    tags) get the ids after the special ones and are never split.
 
     BPE learns from word frequencies alone (SentencePiece splits at whitespace first), so it is
     given the word counts of the whole corpus: memory is the number of distinct words, whatever
@@ -81,6 +86,7 @@ def train_sentencepiece(sentences: Iterable[str], path: Path, config: TokenizerC
         eos_id=EOS,
         num_threads=threads,
         minloglevel=2,
+        **({"user_defined_symbols": list(reserved)} if reserved else {}),
     )
     if config.type == "bpe":
         counts = count_words(guarded())
@@ -159,6 +165,75 @@ class Tokenizer:
 
     def src_pieces(self, line: str) -> list[str]:
         return self.src.encode(line, out_type=str)
+
+    @cached_property
+    def language_tags(self) -> dict[str, int]:
+        """The target languages of a multilingual model and the ids of their tags (reserved pieces
+        such as <2fr>, right after the special ids); empty for a model of one pair."""
+        tags = {}
+        for index in range(BOS + 2, self.src_vocab_size):
+            match = TAG_PATTERN.match(self.src.id_to_piece(index))
+            if not match:
+                break  # reserved pieces come first; the first ordinary one ends them
+            tags[match.group(1)] = index
+        return tags
+
+
+def balanced_sentences(
+    files_by_language: dict[str, list[Path]], total: int, seed: int = 1, errors: str = "strict"
+) -> Iterator[str]:
+    """The same number of sentences from every language (its files' non-blank lines): `total` shared
+    equally, or as many as the largest language has; smaller languages are repeated, larger ones
+    sampled, so no language dominates a joint tokenizer."""
+    counts = {
+        lang: sum(1 for path in paths for line in iter_lines(path, errors) if line.strip())
+        for lang, paths in files_by_language.items()
+    }
+    quota = min(total // max(1, len(counts)), max(counts.values(), default=0))
+    rng = random.Random(seed)
+    for lang, paths in files_by_language.items():
+        rounds, rest = divmod(quota, counts[lang]) if counts[lang] else (0, 0)
+        log.info("tokenizer: %d sentences of %s (%d in its corpus)", quota if counts[lang] else 0, lang, counts[lang])
+        chosen = set(rng.sample(range(counts[lang]), rest))
+        for round_ in range(rounds + (1 if rest else 0)):
+            lines = (line.strip() for path in paths for line in iter_lines(path, errors) if line.strip())
+            yield from lines if round_ < rounds else (line for i, line in enumerate(lines) if i in chosen)
+
+
+def prepare_multilingual_tokenizer(
+    run_dir: Path | RunDir,
+    config: TokenizerConfig,
+    files_by_language: dict[str, list[Path]],
+    targets: list[str],
+    errors: str = "strict",
+) -> Tokenizer:
+    """The joint tokenizer of a multilingual run: trained (if the run has none) on every language in
+    equal shares, with a reserved tag piece per target language; an existing one must have those tags."""
+    path, _ = RunDir(run_dir).tokenizer_files(True)
+    if not path.is_file():
+        log.info(
+            "training joint SentencePiece %s model (%d pieces) for %s",
+            config.type,
+            config.vocab_size,
+            ", ".join(files_by_language),
+        )
+        extra = {lang: list(paths) for lang, paths in files_by_language.items()}
+        if config.extra_text:
+            extra["extra_text"] = [Path(p) for p in config.extra_text]
+        for paths in extra.values():
+            for file in paths:
+                if not file.is_file():
+                    raise DataError(f"{file}: file not found")
+        sentences = balanced_sentences(extra, config.max_sentences, errors=errors)
+        train_sentencepiece(sentences, path, config, reserved=[language_tag(lang) for lang in targets])
+    tokenizer = Tokenizer(path, path)
+    missing = [lang for lang in targets if lang not in tokenizer.language_tags]
+    if missing:
+        raise DataError(
+            f"{path}: has no language tag for {', '.join(missing)} (its tags: "
+            f"{', '.join(tokenizer.language_tags) or 'none'}); a new target language needs a new run directory"
+        )
+    return tokenizer
 
 
 def load_tokenizer(run_dir: Path | RunDir, joint: bool) -> Tokenizer:

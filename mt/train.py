@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mt.batching import make_batches
+from mt.batching import direction_shares, make_batches, sample_directions
 from mt.config import Config, check_resumable, load_config, parse_duration, save_config
 from mt.corpus_cache import prepare_run_data
 from mt.device import release_free_heap
@@ -189,6 +189,11 @@ class TrainingRun:
         line = "%d training pairs, %d validation pairs, vocabulary %d/%d, %s parameters, device %s, %d process(es)"
         parameters = f"{count_parameters(self.model):,}"
         log.info(line, len(self.corpus), len(self.valid), *self.vocab, parameters, self.device, world.size)
+        if len(self.corpus.parts) > 1:
+            sizes = [len(pairs) for _, pairs in self.corpus.parts]
+            shares = direction_shares(sizes, t.direction_temperature)
+            each = ", ".join(f"{name} {n}/{share}" for (name, _), n, share in zip(self.corpus.parts, sizes, shares))
+            log.info("directions (pairs / drawn per epoch at temperature %g): %s", t.direction_temperature, each)
         self.metrics = MetricsLog(
             self.run.metrics if world.is_main else None, self.run.tensorboard if t.tensorboard else None
         )
@@ -217,7 +222,13 @@ class TrainingRun:
         """This epoch's batches (pair indices) in training order; an update takes `update_freq` per rank."""
         t = self.config.train
         per_update = t.update_freq * self.world.size
-        batches = make_batches(self.corpus.src_lengths, self.corpus.tgt_lengths, t.max_tokens, seed=t.seed + epoch)
+        src_lengths, tgt_lengths = self.corpus.src_lengths, self.corpus.tgt_lengths
+        chosen = sample_directions([pairs for _, pairs in self.corpus.parts], t.direction_temperature, t.seed + epoch)
+        if chosen is None:
+            batches = make_batches(src_lengths, tgt_lengths, t.max_tokens, seed=t.seed + epoch)
+        else:  # directions drawn by temperature: batches of the drawn pairs, which may mix directions
+            drawn = make_batches(src_lengths[chosen], tgt_lengths[chosen], t.max_tokens, seed=t.seed + epoch)
+            batches = [chosen[batch] for batch in drawn]
         if self.world.distributed and len(batches) % per_update:
             # every rank must take part in every update; the few left over wait for the next epoch's shuffle
             batches = batches[: len(batches) - len(batches) % per_update]

@@ -45,19 +45,34 @@ def validate(
             loss, nll = objective(src, tgt_in, tgt_out)
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
         tokens += int((tgt_out != PAD).sum())
-    count = min(config.train.valid_sentences or len(corpus), len(corpus))
-    sources = [corpus.src_sentence(i) for i in range(count)]
+    # the first valid_sentences of each direction, decoded together
+    chosen = [pairs[: config.train.valid_sentences or len(pairs)] for _, pairs in corpus.parts]
+    sources = [corpus.src_sentence(i) for pairs in chosen for i in pairs]
     hyps = decode(TorchEngine(model, device), sources, validation_options(config))
-    scores = corpus_scores(tokenizer.decode_tgt([found[0].tokens for found in hyps]), corpus.tgt_texts()[:count])
-    return {
-        "valid_loss": loss_sum / tokens,
-        "valid_ppl": math.exp(min(nll_sum / tokens, 50)),
-        "valid_bleu": scores["bleu"],
-        "valid_chrf": scores["chrf"],
-    }
+    texts, references = tokenizer.decode_tgt([found[0].tokens for found in hyps]), corpus.tgt_texts()
+    scores = {"valid_loss": loss_sum / tokens, "valid_ppl": math.exp(min(nll_sum / tokens, 50))}
+    each, start = {}, 0
+    for (name, _), pairs in zip(corpus.parts, chosen):
+        each[name] = corpus_scores(texts[start : start + len(pairs)], [references[i] for i in pairs])
+        start += len(pairs)
+    # a multilingual model is judged by the mean over its directions
+    scores["valid_bleu"] = sum(s["bleu"] for s in each.values()) / len(each)
+    scores["valid_chrf"] = sum(s["chrf"] for s in each.values()) / len(each)
+    if len(corpus.parts) > 1 or corpus.parts[0][0]:
+        for name, found in each.items():
+            scores[f"valid_bleu_{name}"], scores[f"valid_chrf_{name}"] = found["bleu"], found["chrf"]
+    return scores
+
+
+def direction_scores(scores: dict[str, float], metric: str = "bleu") -> dict[str, float]:
+    """The per-direction `metric` of a multilingual validation (`valid_bleu_de-en` -> {"de-en": ...})."""
+    prefix = f"valid_{metric}_"
+    return {key[len(prefix) :]: value for key, value in scores.items() if key.startswith(prefix)}
 
 
 def describe(scores: dict[str, float]) -> str:
     """`validate`'s scores as the one line training logs."""
     loss, ppl, bleu, chrf = (scores[f"valid_{name}"] for name in ("loss", "ppl", "bleu", "chrf"))
-    return f"valid loss {loss:.3f} ppl {ppl:.2f} BLEU {bleu:.2f} chrF {chrf:.2f}"
+    line = f"valid loss {loss:.3f} ppl {ppl:.2f} BLEU {bleu:.2f} chrF {chrf:.2f}"
+    each = direction_scores(scores)
+    return line + (f" (mean; {', '.join(f'{k} {v:.2f}' for k, v in each.items())})" if each else "")
