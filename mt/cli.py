@@ -235,6 +235,12 @@ def translate(
     alignment_layer: int | None = typer.Option(
         None, help="Decoder layer whose cross-attention aligns (default: the second to last)."
     ),
+    src_lang: str | None = typer.Option(None, help="Input language (a warning when the model never learnt it)."),
+    tgt_lang: str | None = typer.Option(None, help="Output language of a multilingual model (required if several)."),
+    pivot: str | None = typer.Option(None, help="Translate into this language first, then on into --tgt-lang."),
+    pivot_model: Path | None = typer.Option(
+        None, help="With --pivot: the model of the second pass (default: the same model)."
+    ),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -243,15 +249,29 @@ def translate(
     mt translate runs/seed1 runs/seed2 < input.de   (an ensemble: log-probabilities averaged every step);
     printf 'Ein Hund rennt.\tA dog\n' | mt translate runs/multi30k_de_en --tsv   (a target prefix);
     mt translate runs/multi30k_de_en --sampling --top-p 0.9 --nbest 4 --seed 7 < input.de;
-    mt translate runs/multi30k_de_en --alignment < input.de   ("A dog runs . ||| 0-0 1-1 2-2 3-3")
+    mt translate runs/multi30k_de_en --alignment < input.de   ("A dog runs . ||| 0-0 1-1 2-2 3-3");
+    mt translate runs/multi30k_multilingual --tgt-lang fr < input.de   (a multilingual model: output in French);
+    mt translate runs/multi30k_multilingual --src-lang de --tgt-lang fr --pivot en < input.de   (through English)
     """
     from mt.alignment import format_alignment
-    from mt.translate import Translator, read_chunks, split_tabs, with_prefix_file
+    from mt.translate import Translator, pivot_chunks, read_chunks, split_tabs, with_prefix_file
 
     if tsv and prefix_file is not None:
         raise MTError("give --tsv or --prefix-file, not both")
+    if pivot is None and pivot_model is not None:
+        raise MTError("--pivot-model needs --pivot LANG (the language between the two models)")
+    if pivot is not None and (tsv or prefix_file is not None or alignment):
+        raise MTError("--pivot translates twice: it cannot take target prefixes or print alignments")
     translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
-    options = translator.options(
+    second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
+    if pivot is not None:
+        translator.check_direction(src_lang, pivot)
+        second.check_direction(pivot, tgt_lang)
+        translator.source_prefix(pivot), second.source_prefix(tgt_lang)  # both languages known, before reading
+    else:
+        translator.check_direction(src_lang, tgt_lang)
+        translator.source_prefix(tgt_lang)
+    options = second.options(
         beam=beam,
         length_penalty=length_penalty,
         nbest=nbest,
@@ -261,6 +281,7 @@ def translate(
             if sampling
             else {}
         ),
+        tgt_lang=tgt_lang,
     )
     chunks = read_chunks(sys.stdin)
     if tsv:
@@ -273,7 +294,12 @@ def translate(
     # a file translated into a file gets a bar; typing, or reading translations on the terminal, does not
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
-    for index, translations in enumerate(translator.translate_chunks(chunks, options, layer)):
+    if pivot is not None:
+        first = translator.options(beam=beam, length_penalty=length_penalty, tgt_lang=pivot)
+        results = pivot_chunks(translator, second, chunks, first, options)
+    else:
+        results = translator.translate_chunks(chunks, options, layer)
+    for index, translations in enumerate(results):
         for t in translations:
             text = t.text if t.alignment is None else f"{t.text} ||| {format_alignment(t.alignment)}"
             sys.stdout.write(text + "\n" if nbest == 1 else f"{index}\t{t.score:.4f}\t{text}\n")
@@ -292,6 +318,7 @@ def score(
     checkpoint: str | None = typer.Option(None, help="Checkpoint (default: decode.checkpoint of its config)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
     weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
+    tgt_lang: str | None = typer.Option(None, help="Language of --tgt, for a multilingual model (its tag)."),
 ) -> None:
     """Score given translations: per line `normalised<TAB>total<TAB>per-piece log-probabilities`.
 
@@ -308,7 +335,7 @@ def score(
     if len(sources) != len(targets):
         raise MTError(f"{src} has {len(sources)} lines, {tgt} has {len(targets)}: they must be line-aligned")
     translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
-    options = translator.options(length_penalty=length_penalty)
+    options = translator.options(length_penalty=length_penalty, tgt_lang=tgt_lang)
     for found in translator.score(sources, targets, options):
         pieces = [round(p, 4) for p in found.pieces]
         if as_json:
@@ -327,6 +354,9 @@ def tune(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the table; leave config.yaml alone."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
     weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
+    direction: str | None = typer.Option(
+        None, help="A multilingual model: tune on this direction (e.g. de-en) only, not the mean of all."
+    ),
 ) -> None:
     """Choose the decoding defaults (checkpoint, beam, length penalty) by validation BLEU and store them.
 
@@ -343,7 +373,9 @@ def tune(
         raise MTError("--beam must be at least 1")
     store = not dry_run and len(run_dirs) == 1
     chosen = checkpoint or [BEST]
-    rows, best = tune_decoding(run_dirs, chosen, beam, length_penalty, device, max_sentences, store, weight or None)
+    rows, best = tune_decoding(
+        run_dirs, chosen, beam, length_penalty, device, max_sentences, store, weight or None, direction
+    )
     typer.echo(format_tuning(rows, best))
     if store:
         log.info(
@@ -404,6 +436,7 @@ def attention(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
     force: bool = typer.Option(False, help="Replace the PNG if it exists."),
+    tgt_lang: str | None = typer.Option(None, help="Output language of a multilingual model."),
 ) -> None:
     """Translate a sentence and draw the cross-attention (output pieces x source pieces) as a heatmap.
 
@@ -417,7 +450,9 @@ def attention(
     if out.exists() and not force:
         raise MTError(f"{out}: exists; use --force to replace it")
     translator = Translator(run_dir, checkpoint, device, engine="torch")
-    weights, src_pieces, tgt_pieces, text = translator.attention(sentence, translator.options(beam=beam))
+    weights, src_pieces, tgt_pieces, text = translator.attention(
+        sentence, translator.options(beam=beam, tgt_lang=tgt_lang)
+    )
     written = plot_layer_attention(weights, src_pieces, tgt_pieces, text, out, layer, head, all_heads)
     typer.echo(text)
     log.info("wrote %s", written)
@@ -506,11 +541,15 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps."),
     weight: list[float] = typer.Option([], "--weight", help="Ensemble weight of each model, in order (repeatable)."),
+    src_lang: str | None = typer.Option(None, help="Language of --src (a warning when the model never learnt it)."),
+    tgt_lang: str | None = typer.Option(None, help="Output language of a multilingual model (required if several)."),
+    pivot: str | None = typer.Option(None, help="Translate into this language first, then on into --tgt-lang."),
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
     Examples: mt eval runs/multi30k_de_en --src data/multi30k-de-en/test.de --ref data/multi30k-de-en/test.en;
-    mt eval --hyp base.en --hyp new.en --ref data/multi30k-de-en/test.en --paired-bs
+    mt eval --hyp base.en --hyp new.en --ref data/multi30k-de-en/test.en --paired-bs;
+    mt eval runs/multi30k_multilingual --tgt-lang fr --src data/multi30k/test.de --ref data/multi30k/test.fr
     """
     from mt.data import read_lines
     from mt.evaluate import score_report
@@ -527,7 +566,10 @@ def evaluate(
         systems = {str(path): read_lines(path) for path in hyp}
     elif run_dirs and src is not None:
         translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
-        hyps = translate_file(translator, src, translator.options(beam=beam))
+        translator.check_direction(src_lang, pivot or tgt_lang)
+        if pivot is not None:
+            translator.check_direction(pivot, tgt_lang)
+        hyps = translate_file(translator, src, translator.options(beam=beam, tgt_lang=tgt_lang), pivot)
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))
         systems = {" + ".join(str(path) for path in run_dirs): hyps}

@@ -46,6 +46,9 @@ class DecodeOptions:
     top_k: int = 0  # draw from the k most probable pieces only (0: all)
     top_p: float = 1.0  # ... from the smallest set holding this much probability (nucleus sampling)
     seed: int = 1  # the same seed, input and batching give the same samples
+    # a multilingual model's output language (its tag starts the source; mt.translate); None: the
+    # model's only target language
+    tgt_lang: str | None = None
 
     @classmethod
     def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:

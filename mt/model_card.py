@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from mt.config import Config, config_to_dict, load_config
+from mt.config import Config, config_to_dict, directions, load_config, target_languages
 from mt.data import MANIFEST, corpus_files, read_lines
 from mt.errors import DataError, MTError
 from mt.evaluate import corpus_scores
@@ -28,6 +28,8 @@ from mt.files import atomic_write_text
 from mt.run_dir import RunDir, load_step_checkpoint, load_weights
 from mt.search import search_name
 from mt.tokenizer import load_tokenizer
+from mt.validation import direction_scores
+from mt.vocab import language_tag
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,14 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
         if not cache and not record:
             continue
         key = cache.get("key", {})
+        parts = key.get("parts", [key])  # a multilingual split: each direction's files
         files = ", ".join(
-            f"`{Path(key.get(side, '?')).name}` ({key.get(f'{side}_sha256', '?')[:12]})" for side in ("src", "tgt")
+            f"`{Path(part.get(side, '?')).name}` ({part.get(f'{side}_sha256', '?')[:12]})"
+            for part in parts
+            for side in ("src", "tgt")
         )
+        if len(parts) > 1:  # a multi-way corpus repeats its files in several directions
+            files = ", ".join(dict.fromkeys(files.split(", ")))
         if not key and record.get("sha256"):
             files = ", ".join(f"`{split}.{lang}` ({digest[:12]})" for lang, digest in record["sha256"].items())
         used = cache.get("pairs", record.get("pairs", "?"))
@@ -104,20 +111,34 @@ def _data_section(run_dir: Path, config: Config) -> list[str]:
 
 def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str, Any] | None:
     """BLEU/chrF/TER on the corpus's test split with the model's decoding defaults (checkpoint, beam,
-    length penalty), if it has a test split."""
+    length penalty), if it has a test split. A multilingual model is scored on each direction's test
+    split (`directions`: name -> scores); its top-level scores are their means."""
     from mt.translate import Translator, translate_file
 
-    d = config.data
-    try:
-        src_path, ref_path = corpus_files(d.dir, d.test, d.src, d.tgt)
-    except DataError:  # the corpus has no test split
-        return None
     run = RunDir(run_dir)
     if not run.checkpoint(config.decode.checkpoint).is_file():
         return None
-    translator = Translator(run, device=device, engine="torch")
-    hyps = translate_file(translator, src_path)
-    return {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path), "checkpoint": translator.checkpoint}
+    found: dict[str, dict[str, Any]] = {}
+    translator = None
+    for direction in directions(config.data):
+        try:
+            src_path, ref_path = corpus_files(direction.dir, config.data.test, direction.src, direction.tgt)
+        except DataError:  # the corpus has no test split (for this direction)
+            continue
+        translator = translator or Translator(run, device=device, engine="torch")
+        options = translator.options(tgt_lang=direction.tgt if config.data.directions else None)
+        hyps = translate_file(translator, src_path, options)
+        found[direction.name] = {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path)}
+    if not found:
+        return None
+    if not config.data.directions:
+        return {**next(iter(found.values())), "checkpoint": translator.checkpoint}
+    first = next(iter(found.values()))
+    means = {name: sum(s[name] for s in found.values()) / len(found) for name in ("bleu", "chrf", "ter")}
+    total = sum(s["sentences"] for s in found.values())
+    signatures = {key: value for key, value in first.items() if key.endswith("_signature")}
+    summary = {**means, **signatures, "sentences": total, "file": f"{config.data.dir} ({len(found)} directions)"}
+    return {**summary, "checkpoint": translator.checkpoint, "directions": found}
 
 
 def card_after_training(run: RunDir, config: Config, device: torch.device, facts: CardFacts) -> dict[str, Any] | None:
@@ -152,7 +173,7 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
     best = facts.best_scores
     parameters = "?" if facts.parameters is None else f"{facts.parameters:,}"
     d, t, dec = config.data, config.train, config.decode
-    name = f"{d.src}->{d.tgt}"
+    name = ", ".join(x.name.replace("-", "->") for x in directions(d))
     hours = facts.elapsed / 3600
     lines = [
         f"# {run_dir.name}: {name} Transformer translation model (mt)",
@@ -162,8 +183,7 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         "## Use",
         "",
         "```",
-        f"echo 'a sentence in {d.src}' | mt translate {run_dir} --beam {dec.beam}",
-        f"mt eval {run_dir} --src FILE.{d.src} --ref FILE.{d.tgt}",
+        *_use_lines(run_dir, config),
         "```",
         "",
         "## Data",
@@ -189,17 +209,32 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         "|---|---|---|---|---|",
     ]
     if "valid_bleu" in best:
-        count = t.valid_sentences or "all"
+        count = (
+            (t.valid_sentences or "all")
+            if not d.directions
+            else f"mean of the directions, {t.valid_sentences or 'all'}"
+        )
         lines.append(
             f"| {d.valid} (first {count} sentences) | {search_name(t.valid_beam)} | "
             f"{best['valid_bleu']:.2f} | {best['valid_chrf']:.2f} | |"
         )
-    if test:
+    for name, bleu in direction_scores(best).items():
         lines.append(
-            f"| {d.test} ({test['sentences']} sentences) | {test['checkpoint']}, beam {dec.beam}, "
-            f"length penalty {dec.length_penalty} | "
+            f"| {d.valid} {name} (first {t.valid_sentences or 'all'}) | {search_name(t.valid_beam)} | "
+            f"{bleu:.2f} | {best.get(f'valid_chrf_{name}', 0.0):.2f} | |"
+        )
+    if test:
+        decoding = f"{test['checkpoint']}, beam {dec.beam}, length penalty {dec.length_penalty}"
+        mean = " (mean of the directions)" if "directions" in test else ""
+        lines.append(
+            f"| {d.test}{mean} ({test['sentences']} sentences) | {decoding} | "
             f"{test['bleu']:.2f} | {test['chrf']:.2f} | {test['ter']:.2f} |"
         )
+        for name, each in test.get("directions", {}).items():
+            lines.append(
+                f"| {d.test} {name} ({each['sentences']}) | {decoding} | "
+                f"{each['bleu']:.2f} | {each['chrf']:.2f} | {each['ter']:.2f} |"
+            )
         lines += [
             "",
             f"- BLEU signature: `{test['bleu_signature']}`",
@@ -217,6 +252,28 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
     ]
     atomic_write_text(run.card, "\n".join(lines))
     return run.card
+
+
+def _use_lines(run_dir: Path, config: Config) -> list[str]:
+    d, beam = config.data, config.decode.beam
+    if not d.directions:
+        return [
+            f"echo 'a sentence in {d.src}' | mt translate {run_dir} --beam {beam}",
+            f"mt eval {run_dir} --src FILE.{d.src} --ref FILE.{d.tgt}",
+        ]
+    first = directions(d)[0]
+    tags = ", ".join(f"`{language_tag(lang)}`" for lang in target_languages(d))
+    return [
+        f"echo 'a sentence in {first.src}' | mt translate {run_dir} --tgt-lang {first.tgt} --beam {beam}",
+        f"mt eval {run_dir} --tgt-lang {first.tgt} --src FILE.{first.src} --ref FILE.{first.tgt}",
+        "```",
+        "",
+        f"Trained directions: {', '.join(x.name for x in directions(d))}; target-language tags {tags} "
+        "(reserved pieces of the SentencePiece model, put before each source). Other pairs of these "
+        "languages are zero-shot; `--pivot LANG` translates through LANG instead.",
+        "",
+        "```",
+    ]
 
 
 def _init_line(t) -> list[str]:

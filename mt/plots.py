@@ -58,12 +58,18 @@ def plot_learning_curves(run_dir: Path, out: Path) -> Path:
     loss_ax.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid (label-smoothed)")
     loss_ax.set(title="loss per target token", xlabel="update", ylabel="loss")
     loss_ax.legend()
-    bleu_ax.plot([r["step"] for r in valid], [r["valid_bleu"] for r in valid], "o-", label="BLEU")
-    bleu_ax.plot([r["step"] for r in valid], [r["valid_chrf"] for r in valid], "s--", label="chrF")
+    steps = [r["step"] for r in valid]
+    names = sorted({key[len("valid_bleu_") :] for r in valid for key in r if key.startswith("valid_bleu_")})
+    mean = " (mean of the directions)" if names else ""
+    bleu_ax.plot(steps, [r["valid_bleu"] for r in valid], "o-", label=f"BLEU{mean}", linewidth=2)
+    bleu_ax.plot(steps, [r["valid_chrf"] for r in valid], "s--", label=f"chrF{mean}")
+    for name in names:  # a multilingual run: BLEU of each direction
+        found = [(r["step"], r[f"valid_bleu_{name}"]) for r in valid if f"valid_bleu_{name}" in r]
+        bleu_ax.plot(*zip(*found), ".:", label=f"BLEU {name}", alpha=0.8)
     config = RunDir(run_dir).config
     search = search_name(load_config(config).train.valid_beam) if config.is_file() else "greedy"
     bleu_ax.set(title=f"validation scores ({search})", xlabel="update", ylabel="score")
-    bleu_ax.legend()
+    bleu_ax.legend(fontsize="small")
     lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train])
     lr_ax.set(title="learning rate", xlabel="update", ylabel="lr")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))

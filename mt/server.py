@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
+from mt.config import directions
 from mt.decoding import DecodeOptions
 from mt.errors import MTError
 from mt.serving import BatchingWorker, Job, Metrics, ServeLimits
@@ -54,14 +55,31 @@ class RequestError(Exception):
 
 
 class Model:
-    """One served model: its language pair, translator and batching worker."""
+    """One served model: its directions (one pair, or a multilingual model's), translator and batching worker."""
 
     def __init__(self, translator: Translator, limits: ServeLimits, metrics: Metrics):
-        data = translator.config.data
-        self.source, self.target = data.src, data.tgt
-        self.name = f"{self.source}-{self.target}"
+        self.directions = [(d.src, d.tgt) for d in directions(translator.config.data)]
+        self.multilingual = bool(translator.config.data.directions)
+        self.name = ",".join(f"{s}-{t}" for s, t in self.directions)
         self.translator = translator
         self.worker = BatchingWorker(self.name, translator, limits, metrics)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request for `source` -> `target` goes."""
+
+    model: Model
+    source: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-{self.target}"
+
+    def options(self) -> DecodeOptions:
+        """The model's decoding defaults, into `target` (a multilingual model's tag)."""
+        return self.model.translator.options(tgt_lang=self.target if self.model.multilingual else None)
 
 
 class Service:
@@ -69,11 +87,15 @@ class Service:
 
     def __init__(self, translators: list[Translator], limits: ServeLimits, api_key: str | None):
         self.limits, self.api_key, self.metrics = limits, api_key, Metrics()
+        self.routes: dict[str, Route] = {}  # direction (de-en) -> the model that serves it
         self.models: dict[str, Model] = {}
         for translator in translators:
             model = Model(translator, limits, self.metrics)
-            if model.name in self.models:
-                raise MTError(f"two models for {model.name}: serve one model per language pair")
+            for source, target in model.directions:
+                route = Route(model, source, target)
+                if route.name in self.routes:
+                    raise MTError(f"two models for {route.name}: serve one model per direction")
+                self.routes[route.name] = route
             self.models[model.name] = model
 
     def stop(self) -> None:
@@ -83,22 +105,22 @@ class Service:
 
     def languages(self) -> list[dict[str, Any]]:
         targets: dict[str, list[str]] = {}
-        for model in self.models.values():
-            targets.setdefault(model.source, []).append(model.target)
+        for route in self.routes.values():
+            targets.setdefault(route.source, []).append(route.target)
         return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": t} for c, t in sorted(targets.items())]
 
-    def pick(self, source: Any, target: Any) -> Model:
+    def pick(self, source: Any, target: Any) -> Route:
         if not isinstance(source, str) or not isinstance(target, str):
             raise RequestError("source and target: expected language codes (strings), e.g. de and en")
         if source == "auto":
-            matches = [m for m in self.models.values() if m.target == target]
+            matches = [r for r in self.routes.values() if r.target == target]
             if len(matches) == 1:
                 return matches[0]
             raise RequestError(f"source auto: {len(matches)} models translate into {target!r}; name the source")
-        model = self.models.get(f"{source}-{target}")
-        if model is None:
-            raise RequestError(f"no model for {source}-{target}; this server has {', '.join(self.models)}")
-        return model
+        route = self.routes.get(f"{source}-{target}")
+        if route is None:
+            raise RequestError(f"no model for {source}-{target}; this server has {', '.join(self.routes)}")
+        return route
 
     def check_key(self, body: dict[str, Any], headers: Any) -> None:
         """The API key from the body's `api_key`, an X-API-Key or a Bearer header, compared in constant time."""
@@ -118,13 +140,14 @@ class Service:
             raise RequestError(str(exc)) from None
 
     async def libretranslate(self, body: dict[str, Any]) -> dict[str, Any]:
-        model = self.pick(body.get("source"), body.get("target"))
+        route = self.pick(body.get("source"), body.get("target"))
+        model = route.model
         q = body.get("q")
         segments = _segments(q, "q", self.limits)
         if body.get("format", "text") != "text":
             raise RequestError("format: only text is supported")
         alternatives = _integer(body.get("alternatives", 0), "alternatives", 0, self.limits.max_beam - 1)
-        options = model.translator.options()
+        options = route.options()
         if alternatives:
             options = replace(options, beam=max(options.beam, alternatives + 1), nbest=alternatives + 1)
         found = await self.run(model, Job(segments, options))
@@ -140,19 +163,20 @@ class Service:
         unknown = sorted(set(body) - known - {"api_key"})
         if unknown:
             raise RequestError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        model = self.pick(body.get("source"), body.get("target"))
+        route = self.pick(body.get("source"), body.get("target"))
+        model = route.model
         segments = _segments(body.get("segments"), "segments", self.limits, require_list=True)
-        options = _options(model.translator.options(), body, self.limits)
+        options = _options(route.options(), body, self.limits)
         attention, alignment = _flag(body, "attention"), _flag(body, "alignment")
         if not (attention or alignment):
             found = await self.run(model, Job(segments, options))
-            return {"model": model.name, "results": [_result(hyps, options) for hyps in found]}
+            return {"model": route.name, "results": [_result(hyps, options) for hyps in found]}
         if len(segments) > 1:
             raise RequestError("attention and alignment: one segment per request")
         if not segments[0].strip():
-            return {"model": model.name, "results": [{"translation": "", "score": 0.0}]}
+            return {"model": route.name, "results": [{"translation": "", "score": 0.0}]}
         found = await self.run(model, Job(segments, options, attention=True))
-        return {"model": model.name, "results": [_attention_result(*found, attention, alignment)]}
+        return {"model": route.name, "results": [_attention_result(*found, attention, alignment)]}
 
 
 def create_app(
@@ -199,7 +223,7 @@ def create_app(
 
     @app.get("/health", summary="Liveness, and the served models")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(service.models)}
+        return {"status": "ok", "models": list(service.routes)}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics_text() -> PlainTextResponse:

@@ -19,7 +19,6 @@ import torch
 
 from mt.batching import direction_shares, make_batches, sample_directions
 from mt.config import Config, check_resumable, load_config, parse_duration, save_config
-from mt.corpus_cache import prepare_run_data
 from mt.device import release_free_heap
 from mt.distributed import World, barrier, check_replicas, gather_objects, init_world, shutdown, sum_values
 from mt.errors import CheckpointError, ConfigError, TrainingError
@@ -28,6 +27,7 @@ from mt.model import build_model, count_parameters
 from mt.model_card import CardFacts, card_after_training
 from mt.optim import inverse_sqrt_lr
 from mt.progress import progress_bar
+from mt.run_data import prepare_run_data
 from mt.run_dir import MetricsLog, Progress, RunDir, StepCheckpoint, Weights, save_checkpoint
 from mt.signals import GracefulStop
 from mt.trainer import StepStats, Trainer, UpdateResult, make_trainer, prefetched_batches, rng_state, set_rng_state
@@ -428,4 +428,11 @@ class TrainingRun:
         facts.best_step, facts.best_scores = (p.best_step if p.best_step >= 0 else None), p.best_scores
         test = card_after_training(self.run, self.config, self.device, facts)
         if test:
-            self.metrics.write(step=p.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"])
+            each = {
+                f"test_{m}_{name}": scores[m]
+                for name, scores in test.get("directions", {}).items()
+                for m in ("bleu", "chrf")
+            }
+            self.metrics.write(
+                step=p.step, test_file=test["file"], test_bleu=test["bleu"], test_chrf=test["chrf"], **each
+            )

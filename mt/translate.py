@@ -7,7 +7,7 @@ import os
 import re
 import select
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mt.alignment import word_alignment
-from mt.config import load_config
+from mt.config import directions, load_config, target_languages
 from mt.data import iter_lines, read_lines
 from mt.decoding import DecodeOptions, Engine, PairScore, TorchEngine, decode, open_engine, open_ensemble, score
 from mt.errors import DataError, MTError
@@ -24,6 +24,7 @@ from mt.progress import progress_bar
 from mt.run_dir import model_dir
 from mt.search import Hypothesis
 from mt.tokenizer import load_tokenizer
+from mt.vocab import language_tag
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,48 @@ class Translator:
             self.engine: Engine = open_ensemble(runs, self.tokenizer, checkpoint, device, engine, weights)
         else:
             self.engine = open_engine(runs[0], self.config, self.tokenizer, self.checkpoint, device, engine)
+        self.name = str(runs[0].path)
+
+    @property
+    def target_languages(self) -> list[str]:
+        """The languages the model translates into: a multilingual model's targets, or the one target."""
+        return target_languages(self.config.data) or [self.config.data.tgt]
+
+    @property
+    def directions(self) -> list[str]:
+        """The directions the model was trained on (de-en, ...)."""
+        return [d.name for d in directions(self.config.data)]
+
+    def source_prefix(self, tgt_lang: str | None) -> list[int]:
+        """The ids every source starts with to get output in `tgt_lang`: its tag in a multilingual
+        model, nothing in a model of one pair (which can only be asked for its own target)."""
+        targets = self.target_languages
+        if tgt_lang is None:
+            if len(targets) > 1:
+                raise MTError(f"{self.name} translates into {', '.join(targets)}: choose one with --tgt-lang")
+            tgt_lang = targets[0]
+        if tgt_lang not in targets:
+            raise MTError(f"--tgt-lang {tgt_lang}: {self.name} translates into {', '.join(targets)} only")
+        if not self.config.data.directions:
+            return []
+        tag = self.tokenizer.language_tags.get(tgt_lang)
+        if tag is None:
+            raise MTError(f"{self.name}: its SentencePiece model has no tag {language_tag(tgt_lang)}")
+        return [tag]
+
+    def check_direction(self, src_lang: str | None, tgt_lang: str | None) -> None:
+        """Warn when `src_lang` -> `tgt_lang` is not a direction the model was trained on (zero-shot)."""
+        if src_lang is None:
+            return
+        wanted = f"{src_lang}-{tgt_lang or self.target_languages[0]}"
+        if wanted not in self.directions:
+            trained = ", ".join(self.directions)
+            log.warning("%s was not trained on %s (only %s): zero-shot translation", self.name, wanted, trained)
+
+    def encode_sources(self, lines: list[str], tgt_lang: str | None) -> list[list[int]]:
+        """Source lines -> piece ids, each after the `source_prefix` of `tgt_lang`."""
+        prefix = self.source_prefix(tgt_lang)
+        return [prefix + ids for ids in self.tokenizer.encode_src(lines)]
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +130,7 @@ class Translator:
         """How likely the model finds each given translation (forced scoring), in input order."""
         options = options or self.options()
         for start in range(0, len(sources), chunk_lines):
-            src = self.tokenizer.encode_src([line.strip() for line in sources[start : start + chunk_lines]])
+            src = self.encode_sources([line.strip() for line in sources[start : start + chunk_lines]], options.tgt_lang)
             tgt = self.tokenizer.encode_tgt([line.strip() for line in targets[start : start + chunk_lines]])
             yield from score(self.engine, src, tgt, options)
 
@@ -99,7 +142,8 @@ class Translator:
         """
         if not isinstance(self.engine, TorchEngine):
             raise MTError("attention weights need a run directory of mt's own model, not a CTranslate2 export")
-        ids = self.tokenizer.encode_src([line.strip()])[0][: self.engine.max_source]
+        options = options or self.options()
+        ids = self.encode_sources([line.strip()], options.tgt_lang)[0][: self.engine.max_source]
         if not ids:
             raise DataError("nothing to translate: the sentence is empty")
         tokens = self.translate_ids([ids], options)[0][0].tokens
@@ -150,7 +194,7 @@ class Translator:
     ) -> list[list[Translation]]:
         pairs = [line if isinstance(line, tuple) else (line, "") for line in chunk]
         wanted = [i for i, (source, _) in enumerate(pairs) if source.strip()]
-        sources = self.tokenizer.encode_src([pairs[i][0].strip() for i in wanted])
+        sources = self.encode_sources([pairs[i][0].strip() for i in wanted], options.tgt_lang)
         prefixes = [pairs[i][1].strip() for i in wanted]
         forced = self.tokenizer.encode_tgt(prefixes) if any(prefixes) else None
         blank = [Translation("", 0.0)] * options.nbest  # n-best output has nbest lines for every input line
@@ -160,7 +204,8 @@ class Translator:
             texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
             results[i] = [Translation(one_line(text), h.score) for text, h in zip(texts, hyps)]
         if align_layer is not None:
-            self._add_alignments([results[i] for i in wanted], sources, found, align_layer, options)
+            skip = len(self.source_prefix(options.tgt_lang))  # the tag aligns with no word
+            self._add_alignments([results[i] for i in wanted], sources, found, align_layer, options, skip)
         return results
 
     def _add_alignments(
@@ -170,15 +215,34 @@ class Translator:
         found: list[list[Hypothesis]],
         layer: int,
         options: DecodeOptions,
+        skip: int = 0,
     ) -> None:
+        """Word alignments from `layer`'s cross-attention; the first `skip` source pieces (a tag) left out."""
         limit = self.engine.max_source  # what decoding read of an over-long source
         pairs = [(src[:limit], h.tokens) for src, hyps in zip(sources, found) for h in hyps]
         weights = self.engine.cross_attention_of_layer([s for s, _ in pairs], [t for _, t in pairs], layer, options)
         flat = [t for group in translations for t in group]
         piece = self.tokenizer.src.id_to_piece, self.tokenizer.tgt.id_to_piece
         for translation, (src, tokens), attention in zip(flat, pairs, weights):
-            src_pieces, tgt_pieces = [piece[0](i) for i in src], [piece[1](i) for i in tokens]
-            translation.alignment = word_alignment(attention[:-1, :-1], src_pieces, tgt_pieces)
+            src_pieces, tgt_pieces = [piece[0](i) for i in src[skip:]], [piece[1](i) for i in tokens]
+            translation.alignment = word_alignment(attention[:-1, skip:-1], src_pieces, tgt_pieces)
+
+
+def pivot_chunks(
+    first: Translator,
+    second: Translator,
+    chunks: Iterable[list[str]],
+    first_options: DecodeOptions,
+    second_options: DecodeOptions,
+) -> Iterator[list[Translation]]:
+    """Translate through a pivot language: each chunk by `first` (its best translation, into the pivot
+    language of `first_options.tgt_lang`), that by `second` (the same model or another one).
+
+    Scores and n-best lists are those of the second pass; a blank line stays blank.
+    """
+    for chunk in chunks:
+        middle = [found[0].text for found in first.translate_chunks([chunk], replace(first_options, nbest=1))]
+        yield from second.translate_chunks([middle], second_options)
 
 
 def split_tabs(chunks: Iterable[list[str]]) -> Iterator[list[tuple[str, str]]]:
@@ -197,12 +261,21 @@ def with_prefix_file(chunks: Iterable[list[str]], path: Path) -> Iterator[list[t
         yield list(zip(chunk, taken))
 
 
-def translate_file(translator: Translator, path: Path, options: DecodeOptions | None = None) -> list[str]:
-    """The best translation of each line of a text file (plain or .gz), with a progress bar."""
+def translate_file(
+    translator: Translator, path: Path, options: DecodeOptions | None = None, pivot: str | None = None
+) -> list[str]:
+    """The best translation of each line of a text file (plain or .gz), with a progress bar; with
+    `pivot`, through that language (two passes of the same model)."""
     lines = read_lines(path)
     bar = progress_bar(total=len(lines), desc="translating", unit=" lines")
     translations = []
-    for found in translator.translate(lines, options):
+    options = options or translator.options()
+    if pivot is None:
+        results = translator.translate(lines, options)
+    else:
+        chunks = (lines[start : start + 2000] for start in range(0, len(lines), 2000))
+        results = pivot_chunks(translator, translator, chunks, replace(options, tgt_lang=pivot), options)
+    for found in results:
         translations.append(found[0].text)
         bar.update()
     bar.close()

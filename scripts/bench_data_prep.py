@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt.batching import make_batches  # noqa: E402
 from mt.config import load_config  # noqa: E402
-from mt.corpus_cache import prepare_run_data  # noqa: E402
 from mt.data import corpus_files  # noqa: E402
+from mt.run_data import prepare_run_data  # noqa: E402
 from mt.run_dir import RunDir  # noqa: E402
 from mt.tokenizer import prepare_tokenizer  # noqa: E402
 

@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--max-tokens", type=int, default=None, help="override decode.max_tokens of the model's config")
+    parser.add_argument("--tgt-lang", help="output language of a multilingual model (its tag starts each source)")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
     parser.add_argument(
         "--ctranslate2",
@@ -77,11 +78,12 @@ def main() -> None:
     if args.max_tokens:
         translator.config.decode.max_tokens = args.max_tokens
     lines = [line.strip() for line in read_lines(args.src)]
-    sources = translator.tokenizer.encode_src(lines)
+    sources = translator.encode_sources(lines, args.tgt_lang)
     refs = read_lines(args.ref) if args.ref else None
     print(
         f"{len(sources)} sentences from {args.src}; device {translator.device}, {torch.get_num_threads()} threads, "
-        f"decode.max_tokens {translator.config.decode.max_tokens}"
+        f"decode.max_tokens {translator.config.decode.max_tokens}; "
+        f"{sum(len(s) for s in sources) / len(sources):.2f} source pieces per sentence"
     )
     print(f"{'mode':<16}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
     results = {}

@@ -99,6 +99,19 @@ def write_reversal_corpus(directory: Path, sizes: dict[str, int], seed: int = 0)
     return directory
 
 
+def write_multiway(directory: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A multi-way corpus `{split}.{src,rev,cp}`: digit strings, their reversals and their copies
+    (a multilingual model must read the target-language tag to know which)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        src = [" ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 7))) for _ in range(n)]
+        sides = {"src": src, "rev": [" ".join(reversed(s.split())) for s in src], "cp": src}
+        for lang, lines in sides.items():
+            (directory / f"{split}.{lang}").write_text("".join(f"{line}\n" for line in lines))
+    return directory
+
+
 TINY_CONFIG = """
 data: {{dir: {data}, src: src, tgt: tgt}}
 tokenizer: {{vocab_size: 24}}

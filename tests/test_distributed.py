@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import run_mt, write_reversal_corpus
+from conftest import run_mt, write_multiway, write_reversal_corpus
 
 from mt.run_dir import RunDir, load_state
 
 CONFIG = """
-data: {{dir: {data}, src: src, tgt: tgt}}
+data: {{dir: {data}, src: src, tgt: tgt{directions}}}
 tokenizer: {{vocab_size: 24}}
 model: {{encoder_layers: 1, decoder_layers: 1, d_model: 32, heads: 4, ffn_dim: 64, dropout: 0.0, max_positions: 64}}
 train: {{run_dir: {run}, max_tokens: 200, update_freq: {update_freq}, lr: 0.003, warmup_steps: 2,
@@ -26,11 +27,17 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
-    data = write_reversal_corpus(tmp_path / "data", {"train": 600, "valid": 20})
+@pytest.mark.parametrize("multilingual", [False, True], ids=["one-pair", "multilingual"])
+def test_two_rank_torchrun_matches_one_process_with_the_same_global_batch(tmp_path, multilingual):
+    if multilingual:  # two directions of unequal size, so the temperature draws pairs again
+        data = write_multiway(tmp_path / "data", {"train": 500, "valid": 20})
+        small = write_multiway(tmp_path / "small", {"train": 100, "valid": 20}, seed=1)
+        directions = f", directions: [src-rev, 'src-cp:{small}']"
+    else:
+        data, directions = write_reversal_corpus(tmp_path / "data", {"train": 600, "valid": 20}), ""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    (tmp_path / "single.yaml").write_text(CONFIG.format(data=data, run=single, update_freq=2))
-    (tmp_path / "ddp.yaml").write_text(CONFIG.format(data=data, run=ddp, update_freq=1))
+    (tmp_path / "single.yaml").write_text(CONFIG.format(data=data, run=single, update_freq=2, directions=directions))
+    (tmp_path / "ddp.yaml").write_text(CONFIG.format(data=data, run=ddp, update_freq=1, directions=directions))
     run_mt("train", str(tmp_path / "single.yaml"))
     ddp.mkdir()
     shutil.copy(single / "spm.model", ddp / "spm.model")  # the same pieces, so the same batches
