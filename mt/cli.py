@@ -241,6 +241,9 @@ def translate(
     pivot_model: Path | None = typer.Option(
         None, help="With --pivot: the model of the second pass (default: the same model)."
     ),
+    shortlist: bool | None = typer.Option(
+        None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
+    ),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -282,6 +285,7 @@ def translate(
             else {}
         ),
         tgt_lang=tgt_lang,
+        shortlist=shortlist,
     )
     chunks = read_chunks(sys.stdin)
     if tsv:
@@ -295,7 +299,7 @@ def translate(
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
     if pivot is not None:
-        first = translator.options(beam=beam, length_penalty=length_penalty, tgt_lang=pivot)
+        first = translator.options(beam=beam, length_penalty=length_penalty, tgt_lang=pivot, shortlist=shortlist)
         results = pivot_chunks(translator, second, chunks, first, options)
     else:
         results = translator.translate_chunks(chunks, options, layer)
@@ -498,6 +502,24 @@ def serve(
 
 
 @app.command()
+def shortlist(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `mt train` (with its encoded corpus)."),
+    per_source: int = typer.Option(50, help="Target pieces kept for each source piece."),
+    frequent: int = typer.Option(200, help="The most frequent target pieces, always allowed."),
+) -> None:
+    """Build the run's lexical shortlist again (training builds one when it ends): RUN_DIR/shortlist.npz.
+
+    With `mt translate RUN_DIR --shortlist` (or decode.shortlist: true) the output layer scores only the
+    target pieces the batch's source pieces co-occur with most in training, and the frequent ones.
+    """
+    from mt.shortlist import write_shortlist
+
+    if per_source < 1 or frequent < 0:
+        raise MTError("--per-source must be at least 1, --frequent at least 0")
+    log.info("wrote %s", write_shortlist(run_dir, per_source, frequent))
+
+
+@app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="Model directory written by `mt train`."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the exported model to."),
@@ -544,6 +566,9 @@ def evaluate(
     src_lang: str | None = typer.Option(None, help="Language of --src (a warning when the model never learnt it)."),
     tgt_lang: str | None = typer.Option(None, help="Output language of a multilingual model (required if several)."),
     pivot: str | None = typer.Option(None, help="Translate into this language first, then on into --tgt-lang."),
+    shortlist: bool | None = typer.Option(
+        None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
+    ),
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
@@ -569,7 +594,9 @@ def evaluate(
         translator.check_direction(src_lang, pivot or tgt_lang)
         if pivot is not None:
             translator.check_direction(pivot, tgt_lang)
-        hyps = translate_file(translator, src, translator.options(beam=beam, tgt_lang=tgt_lang), pivot)
+        hyps = translate_file(
+            translator, src, translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist), pivot
+        )
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))
         systems = {" + ".join(str(path) for path in run_dirs): hyps}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from mt.files import atomic_write_text
 from mt.model import Transformer
 from mt.run_dir import RunDir, model_dir
 from mt.search import Hypothesis, length_limits
+from mt.shortlist import Shortlist
 from mt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -121,17 +123,38 @@ def export_ctranslate2(
         def _load(self):
             return _model_spec(model, pieces(tokenizer.src), pieces(tokenizer.tgt))
 
-    try:
-        MtConverter().convert(str(out), quantization=quantization, force=True)
-    except (ValueError, RuntimeError) as exc:
-        raise MTError(f"CTranslate2 conversion failed: {exc}") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        vmap = None
+        if run.shortlist.is_file():  # the shortlist as CTranslate2's vocabulary map (translate with use_vmap)
+            vmap = Path(scratch) / "vmap.txt"
+            shortlist = Shortlist.load(run.shortlist, tokenizer.fingerprint())
+            atomic_write_text(vmap, vocabulary_map(shortlist, pieces(tokenizer.src), pieces(tokenizer.tgt)))
+        try:
+            MtConverter().convert(
+                str(out), vmap=None if vmap is None else str(vmap), quantization=quantization, force=True
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise MTError(f"CTranslate2 conversion failed: {exc}") from None
     exported = RunDir(out)
     shutil.copy(run.config, exported.config)
+    if run.shortlist.is_file():
+        shutil.copy(run.shortlist, exported.shortlist)
     for path in run.tokenizer_files(config.tokenizer.joint):
         shutil.copy(path, out / path.name)
     info = {"engine": "ctranslate2", "quantization": quantization, "from": str(run_dir), "checkpoint": checkpoint}
     atomic_write_text(exported.export_info, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def vocabulary_map(shortlist: Shortlist, src_pieces: list[str], tgt_pieces: list[str]) -> str:
+    """CTranslate2's vmap text: `source piece<TAB>target pieces` per line; the line with an empty
+    source lists the pieces every batch may use."""
+    lines = ["\t" + " ".join(tgt_pieces[i] for i in shortlist.frequent)]
+    for source, row in enumerate(shortlist.per_source):
+        targets = [tgt_pieces[i] for i in row.tolist() if i >= 0]
+        if targets and source < len(src_pieces):
+            lines.append(f"{src_pieces[source]}\t{' '.join(targets)}")
+    return "".join(line + "\n" for line in lines)
 
 
 class CTranslate2Engine:
@@ -148,6 +171,7 @@ class CTranslate2Engine:
         )
         self.max_positions = config.model.max_positions
         self.max_source = self.max_positions - 1
+        self.has_vmap = (Path(model_dir) / "vmap.txt").is_file()
         self.src_pieces = [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)]
         self.vocab_size = tokenizer.tgt_vocab_size
         self.tgt_pieces = [tokenizer.tgt.id_to_piece(i) for i in range(tokenizer.tgt_vocab_size)]
@@ -161,6 +185,8 @@ class CTranslate2Engine:
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
                 "a seed (its issue #1757), so they could not be reproduced"
             )
+        if options.shortlist and not self.has_vmap:
+            raise MTError("decode.shortlist: this export has no vocabulary map (export a run that has a shortlist)")
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
         # sentences sharing a limit go together: a sorted batch has few limits
         lengths = torch.tensor([len(ids) for ids in sources])
@@ -178,6 +204,7 @@ class CTranslate2Engine:
                 max_batch_size=options.rows_per_batch,
                 batch_type="tokens",
                 return_scores=True,
+                use_vmap=options.shortlist,
                 beam_size=options.beam,
                 num_hypotheses=options.nbest,
             )

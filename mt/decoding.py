@@ -21,6 +21,7 @@ from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
 from mt.search import Hypothesis, Models, search
+from mt.shortlist import Shortlist
 from mt.tokenizer import Tokenizer, load_tokenizer
 from mt.vocab import BOS, EOS
 
@@ -49,6 +50,7 @@ class DecodeOptions:
     # a multilingual model's output language (its tag starts the source; mt.translate); None: the
     # model's only target language
     tgt_lang: str | None = None
+    shortlist: bool = False  # the output layer over the run's lexical shortlist only (mt.shortlist)
 
     @classmethod
     def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:
@@ -98,10 +100,15 @@ class TorchEngine:
     """
 
     def __init__(
-        self, model: Transformer | list[Transformer], device: torch.device, weights: list[float] | None = None
+        self,
+        model: Transformer | list[Transformer],
+        device: torch.device,
+        weights: list[float] | None = None,
+        shortlist: Shortlist | None = None,
     ):
         members = model if isinstance(model, list) else [model]
         self.models, self.device = Models([m.eval() for m in members], weights), device
+        self.shortlist = shortlist
         self.model = members[0]
         self.max_source = self.models.max_positions - 1
         self.vocab_size = self.model.output_weight.size(0)
@@ -112,11 +119,14 @@ class TorchEngine:
         lengths = [len(s) + 1 for s in sources]
         results: list[list[Hypothesis]] = [[] for _ in sources]
         generator = torch.Generator(self.device).manual_seed(options.seed) if options.sampling else None
+        if options.shortlist and self.shortlist is None:
+            raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
         for batch in make_batches(lengths, lengths, options.rows_per_batch):
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             forced = [prefixes[i] for i in batch] if prefixes else None
+            models = self.models.restricted(self.shortlist.candidates(src)) if options.shortlist else self.models
             with autocast(self.device, options.precision):
-                for index, hyps in zip(batch, search(self.models, src, options, forced, generator)):
+                for index, hyps in zip(batch, search(models, src, options, forced, generator)):
                     results[index] = hyps
         return results
 
@@ -240,7 +250,9 @@ def open_engine(
 
         return CTranslate2Engine(Path(run), config, tokenizer, device)
     torch_device = pick_device(device)
-    return TorchEngine(load_model(run, config, tokenizer, torch_device, checkpoint), torch_device)
+    model = load_model(run, config, tokenizer, torch_device, checkpoint)
+    shortlist = Shortlist.load(run.shortlist, tokenizer.fingerprint()) if run.shortlist.is_file() else None
+    return TorchEngine(model, torch_device, shortlist=shortlist)
 
 
 def open_ensemble(

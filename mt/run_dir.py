@@ -7,6 +7,7 @@
     RUN_DIR/metrics.jsonl, README.md       metrics log and model card
     RUN_DIR/tensorboard/                   the metrics log's numbers as TensorBoard events (train.tensorboard)
     RUN_DIR/cache/                         encoded corpora (mt.corpus_cache)
+    RUN_DIR/shortlist.npz                  the lexical shortlist of the output layer (mt.shortlist)
     RUN_DIR/.training.lock                 held by the one `mt train` that trains the run (its pid)
 
 A CTranslate2 export (`mt export`) holds config.yaml, the SentencePiece model(s), CTranslate2's
@@ -45,6 +46,7 @@ JOINT_SPM, SRC_SPM, TGT_SPM = "spm.model", "spm.src.model", "spm.tgt.model"
 EXPORT_INFO, CT2_MODEL = "mt_export.json", "model.bin"
 TRAINING_LOCK = ".training.lock"
 TENSORBOARD_DIR = "tensorboard"
+SHORTLIST = "shortlist.npz"
 _STEP_FILE = re.compile(r"^step(\d+)\.pt$")
 _VALID_SCORES = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
 
@@ -266,6 +268,7 @@ class RunDir:
         self.export_info = self.path / EXPORT_INFO
         self.training_lock = self.path / TRAINING_LOCK
         self.tensorboard = self.path / TENSORBOARD_DIR
+        self.shortlist = self.path / SHORTLIST
 
     def __str__(self) -> str:
         return str(self.path)

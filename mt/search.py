@@ -10,7 +10,7 @@ length EOS is forced. With `no_repeat_ngram` N > 0, no hypothesis contains the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,41 +34,62 @@ class NextPieces:
     """The next-piece log-probabilities of R open hypotheses, computed for a slice of rows at a time
     (a whole batch's (R, V) never has to exist at once)."""
 
-    def __init__(self, hidden: list[Tensor], output_weights: list[Tensor], weights: list[float]):
+    def __init__(
+        self,
+        hidden: list[Tensor],
+        output_weights: list[Tensor],
+        weights: list[float],
+        vocab: int,
+        candidates: Tensor | None = None,
+    ):
         self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
-        self.vocab = output_weights[0].size(1)
+        self.vocab, self.candidates = vocab, candidates  # candidates: the shortlist's ids, or None
 
     def log_probs(self, rows: slice) -> Tensor:
-        """(rows, V) in fp32: one model's log-softmax, or the weighted mean of the ensemble's."""
+        """(rows, V) in fp32: one model's log-softmax, or the weighted mean of the ensemble's. With a
+        shortlist, the output layer and softmax cover its candidates only; the other pieces get -inf."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
             log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
             if len(self.hidden) > 1:
                 log_probs.mul_(weight)
             total = log_probs if total is None else total.add_(log_probs)
-        return total
+        if self.candidates is None:
+            return total
+        full = total.new_full((total.size(0), self.vocab), -torch.inf)
+        return full.index_copy_(1, self.candidates, total)
 
 
 class Models:
     """The model(s) one search steps through: a Transformer, or an ensemble that shares the target
     vocabulary, each member with its own encoder output and cache; weights are normalised to sum to 1."""
 
-    def __init__(self, models: list[Transformer], weights: list[float] | None = None):
+    def __init__(self, models: list[Transformer], weights: list[float] | None = None, candidates: Tensor | None = None):
         weights = weights or [1.0] * len(models)
         if len(weights) != len(models) or min(weights) <= 0:
             raise ValueError(f"ensemble weights {weights}: one positive weight per model ({len(models)})")
         self.members, self.weights = models, [w / sum(weights) for w in weights]
         self.max_positions = min(m.max_positions for m in models)
+        self.vocab = models[0].output_weight.size(0)
+        self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
+
+    def restricted(self, candidates: Tensor | None) -> Models:
+        """The same models, their output layer cut to `candidates` (a batch's shortlist) for one search."""
+        return Models(self.members, self.weights, candidates)
 
     def start(self, src: Tensor, use_cache: bool) -> list[DecoderState]:
         """src (B, S) -> each member's decoder state (its encoder output, keys/values of the source)."""
-        return [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
+        states = [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
+        if self.candidates is not None:  # the output projection's columns of the shortlist, once per batch
+            states = [replace(s, output_weight=s.output_weight[:, self.candidates].contiguous()) for s in states]
+        return states
 
     def step(self, prefix: Tensor, states: list[DecoderState]) -> tuple[NextPieces, list[DecoderState]]:
         """prefix (R, t) -> the next-piece distribution of each row, and the members' new states."""
         stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
         new_states = [state for _, state in stepped]
-        return NextPieces([h for h, _ in stepped], [s.output_weight for s in new_states], self.weights), new_states
+        hidden, weights = [h for h, _ in stepped], [s.output_weight for s in new_states]
+        return NextPieces(hidden, weights, self.weights, self.vocab, self.candidates), new_states
 
 
 def select(states: list[DecoderState], rows: Tensor, sentences: Tensor | None = None) -> list[DecoderState]:

@@ -29,6 +29,7 @@ from mt.optim import inverse_sqrt_lr
 from mt.progress import progress_bar
 from mt.run_data import prepare_run_data
 from mt.run_dir import MetricsLog, Progress, RunDir, StepCheckpoint, Weights, save_checkpoint
+from mt.shortlist import write_shortlist
 from mt.signals import GracefulStop
 from mt.trainer import StepStats, Trainer, UpdateResult, make_trainer, prefetched_batches, rng_state, set_rng_state
 from mt.validation import describe, validate
@@ -409,6 +410,7 @@ class TrainingRun:
             check_replicas(self.world, self.model, self.device)
             log.info("all %d replicas hold identical parameters", self.world.size)
         if reason != "signal" and self.world.is_main:
+            log.info("shortlist: %s", write_shortlist(self.run.path))
             self.write_card()
         self.metrics.close()
         if reason != "signal":

@@ -24,7 +24,8 @@ def validation_options(config: Config) -> DecodeOptions:
     """The model's decoding defaults, with the validation beam, in the training precision (so BLEU and
     loss are measured in the same arithmetic)."""
     t = config.train
-    return replace(DecodeOptions.from_config(config.decode, beam=t.valid_beam, nbest=1), precision=t.precision)
+    options = DecodeOptions.from_config(config.decode, beam=t.valid_beam, nbest=1)
+    return replace(options, precision=t.precision, shortlist=False)  # the whole output layer: exact scores
 
 
 @torch.no_grad()

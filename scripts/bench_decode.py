@@ -31,8 +31,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(translator: Translator, sources: list[list[int]], beam: int, use_cache: bool) -> tuple[dict, list[str]]:
-    options = translator.options(beam=beam, use_cache=use_cache)
+def measure(
+    translator: Translator, sources: list[list[int]], beam: int, use_cache: bool, shortlist: bool = False
+) -> tuple[dict, list[str]]:
+    options = translator.options(beam=beam, use_cache=use_cache, shortlist=shortlist)
     if translator.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--max-tokens", type=int, default=None, help="override decode.max_tokens of the model's config")
     parser.add_argument("--tgt-lang", help="output language of a multilingual model (its tag starts each source)")
+    parser.add_argument("--shortlist", action="store_true", help="also time the output layer over the shortlist")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
     parser.add_argument(
         "--ctranslate2",
@@ -98,6 +101,8 @@ def main() -> None:
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
         row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
         print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+    if args.shortlist:
+        compare_shortlist(translator, sources, refs, results, args.beam)
     if translator.device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
     if not args.no_uncached:
@@ -109,6 +114,21 @@ def main() -> None:
         compare_ctranslate2(export_dir, args, sources, refs, results, translator.config.decode.max_tokens)
     if args.ensemble:
         compare_ensemble(args, sources, refs, results, translator.config.decode.max_tokens)
+
+
+def compare_shortlist(translator: Translator, sources, refs, results, beam: int) -> None:
+    """The same model with its output layer over the lexical shortlist: speed and BLEU against the whole layer."""
+    for name, size in (("greedy", 1), (f"beam{beam}", beam)):
+        stats, texts = measure(translator, sources, size, True, shortlist=True)
+        (full, full_texts) = results[(name, True)]
+        label = f"{name} shortlist"
+        bleu = corpus_scores(texts, refs)["bleu"] if refs else None
+        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
+        same = sum(a == b for a, b in zip(texts, full_texts))
+        delta = f", BLEU {bleu - corpus_scores(full_texts, refs)['bleu']:+.2f}" if refs else ""
+        ratio = stats["sent_per_s"] / full["sent_per_s"]
+        print(f"  {label} / whole output layer = {ratio:.2f}x{delta}, {same}/{len(texts)} outputs identical")
 
 
 def compare_ensemble(args, sources, refs, results, max_tokens: int) -> None:
