@@ -88,7 +88,7 @@ def main() -> None:
         f"decode.max_tokens {translator.config.decode.max_tokens}; "
         f"{sum(len(s) for s in sources) / len(sources):.2f} source pieces per sentence"
     )
-    print(f"{'mode':<16}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
+    print(f"{'mode':<22}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
     results = {}
     modes = [("greedy", 1, True), (f"beam{args.beam}", args.beam, True)]
     if not args.no_uncached:
@@ -99,7 +99,7 @@ def main() -> None:
         stats, texts = measure(translator, sources, beam, cached)
         results[(name, cached)] = (stats, texts)
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
-        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
         print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
     if args.shortlist:
         compare_shortlist(translator, sources, refs, results, args.beam)
@@ -123,7 +123,7 @@ def compare_shortlist(translator: Translator, sources, refs, results, beam: int)
         (full, full_texts) = results[(name, True)]
         label = f"{name} shortlist"
         bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
         print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
         same = sum(a == b for a, b in zip(texts, full_texts))
         delta = f", BLEU {bleu - corpus_scores(full_texts, refs)['bleu']:+.2f}" if refs else ""
@@ -142,33 +142,36 @@ def compare_ensemble(args, sources, refs, results, max_tokens: int) -> None:
         alone, _ = results[(name, True)]
         label = f"{name} x{len(members)}"
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
-        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
         print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
         ratio = alone["sent_per_s"] / stats["sent_per_s"]
         print(f"{name}: an ensemble of {len(members)} decodes {ratio:.2f}x slower than {args.run_dir} alone")
 
 
 def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_tokens: int) -> None:
-    """The same sentences through a CTranslate2 export: speed and BLEU against mt's cached decoder."""
+    """The same sentences through a CTranslate2 export: speed and BLEU against mt's cached decoder
+    (and, with --shortlist and an export that has a vocabulary map, with it too)."""
     from mt.run_dir import RunDir
 
     engine = Translator(export_dir, device=args.device, engine="ctranslate2")
     engine.config.decode.max_tokens = max_tokens
     quantization = json.loads(RunDir(export_dir).export_info.read_text())["quantization"]
     measure(engine, sources[:16], 1, True)
-    for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
-        stats, texts = measure(engine, sources, beam, True)
-        ours, our_texts = results[(name, True)]
-        label = f"{name} ct2 {quantization}"
-        bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-        row = f"{label:<16}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
-        print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
-        same = sum(a == b for a, b in zip(texts, our_texts))
-        delta = f", BLEU {bleu - corpus_scores(our_texts, refs)['bleu']:+.2f}" if refs else ""
-        print(
-            f"  {label} / mt cached = {stats['sent_per_s'] / ours['sent_per_s']:.2f}x{delta}, "
-            f"{same}/{len(texts)} outputs identical"
-        )
+    vmaps = [False, True] if args.shortlist and (export_dir / "vmap.txt").is_file() else [False]
+    for vmap in vmaps:
+        for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
+            stats, texts = measure(engine, sources, beam, True, shortlist=vmap)
+            ours, our_texts = results[(name, True)]
+            label = f"{name} ct2 {quantization}{' vmap' if vmap else ''}"
+            bleu = corpus_scores(texts, refs)["bleu"] if refs else None
+            row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+            print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
+            same = sum(a == b for a, b in zip(texts, our_texts))
+            delta = f", BLEU {bleu - corpus_scores(our_texts, refs)['bleu']:+.2f}" if refs else ""
+            print(
+                f"  {label} / mt cached = {stats['sent_per_s'] / ours['sent_per_s']:.2f}x{delta}, "
+                f"{same}/{len(texts)} outputs identical"
+            )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_next_pieces_over_candidates_are_the_log_softmax_of_those_logits():
         next_pieces, _ = models.step(torch.tensor([[2]]), states)
         got = next_pieces.log_probs(slice(0, 1))
         hidden = model.step(torch.tensor([[2]]), model.start_decoding(*model.encode(src)))[0]
-    want = torch.log_softmax(model.logits(hidden)[:, candidates], dim=-1)
+        want = torch.log_softmax(model.logits(hidden)[:, candidates], dim=-1)
     assert torch.allclose(got[:, candidates], want, atol=1e-5)
     others = torch.ones(40, dtype=torch.bool)
     others[candidates] = False
