@@ -124,11 +124,19 @@ class TorchEngine:
         for batch in make_batches(lengths, lengths, options.rows_per_batch):
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             forced = [prefixes[i] for i in batch] if prefixes else None
-            models = self.models.restricted(self.shortlist.candidates(src)) if options.shortlist else self.models
+            models = self.models.restricted(self._candidates(src, forced)) if options.shortlist else self.models
             with autocast(self.device, options.precision):
                 for index, hyps in zip(batch, search(models, src, options, forced, generator)):
                     results[index] = hyps
         return results
+
+    def _candidates(self, src: torch.Tensor, prefixes: list[list[int]] | None) -> torch.Tensor:
+        """The shortlist's target ids for a batch, with the pieces of its target prefixes."""
+        candidates = self.shortlist.candidates(src)
+        forced = [piece for prefix in prefixes or [] for piece in prefix]
+        if forced:
+            candidates = torch.unique(torch.cat([candidates, torch.tensor(forced, device=candidates.device)]))
+        return candidates
 
     def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:
         """Teacher-forced log-probability of each target piece and of the closing EOS, per pair.

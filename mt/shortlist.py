@@ -97,7 +97,8 @@ def build_shortlist(
     keep = rank < per_source
     table = np.full((src_vocab, per_source), -1, np.int32)
     table[sources[keep], rank[keep]] = targets[keep]
-    commonest = np.argsort(-tgt_counts, kind="stable")[:frequent].astype(np.int32)
+    seen = np.flatnonzero(tgt_counts)  # never PAD or BOS, which no corpus sentence holds
+    commonest = seen[np.argsort(-tgt_counts[seen], kind="stable")][:frequent].astype(np.int32)
     log.info(
         "shortlist from %d pairs: %d target pieces per source piece, %d frequent ones", len(order), per_source, frequent
     )

@@ -112,3 +112,12 @@ def test_asking_for_a_shortlist_a_model_lacks_is_one_line(tmp_path):
     old = Path(__file__).parent / "fixtures" / "run_0.1.0" / "run"  # written before shortlists existed
     result = run_mt("translate", str(old), "--shortlist", stdin="1 2 3\n", check=False)
     assert result.returncode == 2 and "no shortlist" in result.stderr
+
+
+def test_a_target_prefix_outside_the_shortlist_is_still_followed():
+    model = tiny_model(vocab=40).eval()
+    few = np.array([4, 20, 21, 22, 23], dtype=np.int32)
+    engine = TorchEngine(model, torch.device("cpu"), shortlist=Shortlist(np.tile(few, (40, 1)), few[:0], "x"))
+    found = decode(engine, [[5, 6, 7]], DecodeOptions(beam=2, max_len_b=6, shortlist=True), prefixes=[[30, 31]])
+    assert found[0][0].tokens[:2] == [30, 31] and np.isfinite(found[0][0].score)
+    assert set(found[0][0].tokens[2:]) <= set(few.tolist())
