@@ -32,7 +32,11 @@ class Hypothesis:
 
 class NextPieces:
     """The next-piece log-probabilities of R open hypotheses, computed for a slice of rows at a time
-    (a whole batch's (R, V) never has to exist at once)."""
+    (a whole batch's (R, V) never has to exist at once).
+
+    With a shortlist the distribution covers its C candidates only: column c is piece candidates[c],
+    and `column` maps piece ids to columns (-1 for a piece outside the shortlist).
+    """
 
     def __init__(
         self,
@@ -41,23 +45,33 @@ class NextPieces:
         weights: list[float],
         vocab: int,
         candidates: Tensor | None = None,
+        columns: Tensor | None = None,
     ):
         self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
-        self.vocab, self.candidates = vocab, candidates  # candidates: the shortlist's ids, or None
+        self.vocab, self.candidates = vocab, candidates  # V, and the shortlist's (C,) sorted ids or None
+        self.width = vocab if candidates is None else len(candidates)  # columns of `log_probs`
+        self.columns = columns  # (V,) each piece's column, -1 outside the shortlist; None without one
 
     def log_probs(self, rows: slice) -> Tensor:
-        """(rows, V) in fp32: one model's log-softmax, or the weighted mean of the ensemble's. With a
-        shortlist, the output layer and softmax cover its candidates only; the other pieces get -inf."""
+        """(rows, width) in fp32: one model's log-softmax, or the weighted mean of the ensemble's (over
+        the shortlist's candidates only, when there is one)."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
             log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
             if len(self.hidden) > 1:
                 log_probs.mul_(weight)
             total = log_probs if total is None else total.add_(log_probs)
+        return total
+
+    def column(self, pieces: Tensor | int) -> Tensor | int:
+        """Piece ids -> their columns in `log_probs` (-1: not a candidate)."""
+        return pieces if self.columns is None else self.columns[pieces]
+
+    def piece_index(self, index: Tensor) -> Tensor:
+        """Indices into (hypothesis, column) -> indices into (hypothesis, piece id): hypothesis * V + id."""
         if self.candidates is None:
-            return total
-        full = total.new_full((total.size(0), self.vocab), -torch.inf)
-        return full.index_copy_(1, self.candidates, total)
+            return index
+        return index // self.width * self.vocab + self.candidates[index % self.width]
 
 
 class Models:
@@ -72,6 +86,10 @@ class Models:
         self.max_positions = min(m.max_positions for m in models)
         self.vocab = models[0].output_weight.size(0)
         self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
+        self.columns = None
+        if candidates is not None:
+            self.columns = torch.full((self.vocab,), -1, dtype=torch.long, device=candidates.device)
+            self.columns[candidates] = torch.arange(len(candidates), device=candidates.device)
 
     def restricted(self, candidates: Tensor | None) -> Models:
         """The same models, their output layer cut to `candidates` (a batch's shortlist) for one search."""
@@ -89,7 +107,7 @@ class Models:
         stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
         new_states = [state for _, state in stepped]
         hidden, weights = [h for h, _ in stepped], [s.output_weight for s in new_states]
-        return NextPieces(hidden, weights, self.weights, self.vocab, self.candidates), new_states
+        return NextPieces(hidden, weights, self.weights, self.vocab, self.candidates, self.columns), new_states
 
 
 def select(states: list[DecoderState], rows: Tensor, sentences: Tensor | None = None) -> list[DecoderState]:
@@ -114,11 +132,12 @@ def max_lengths(src_lengths: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (a * src_lengths.float() + b).long().clamp(1, limit - 1)
 
 
-def ban_repeated_ngrams(log_probs: Tensor, prefix: Tensor, n: int) -> None:
+def ban_repeated_ngrams(log_probs: Tensor, prefix: Tensor, n: int, columns: Tensor | None = None) -> None:
     """Rule out (in place) every piece that would repeat an n-gram already in its hypothesis.
 
-    log_probs (R, V); prefix (R, t) with BOS first. Vectorised over all rows: the last n-1
-    pieces of each row are compared with every n-gram window of that row.
+    log_probs (R, V), or (R, C) with `columns` mapping piece ids to its columns (-1: none); prefix
+    (R, t) with BOS first. Vectorised over all rows: the last n-1 pieces of each row are compared
+    with every n-gram window of that row.
     """
     generated = prefix[:, 1:]
     if n < 1 or generated.size(1) < n:
@@ -127,7 +146,11 @@ def ban_repeated_ngrams(log_probs: Tensor, prefix: Tensor, n: int) -> None:
     tail = generated[:, generated.size(1) - n + 1 :]  # (R, n-1)
     repeats = (windows[:, :, : n - 1] == tail[:, None, :]).all(dim=-1)  # (R, W)
     rows, starts = repeats.nonzero().unbind(1)
-    log_probs[rows, windows[rows, starts, n - 1]] = -torch.inf
+    banned = windows[rows, starts, n - 1]
+    if columns is not None:
+        banned = columns[banned]
+        rows, banned = rows[banned >= 0], banned[banned >= 0]
+    log_probs[rows, banned] = -torch.inf
 
 
 CHUNK_ELEMENTS = 1 << 22  # log-probabilities scored at a time (16 MB in fp32)
@@ -156,23 +179,27 @@ def best_extensions(
     6144 and beam 5 a step's are ~13 MB; peak RSS of the decoding benchmark fell by ~25 MB).
     """
     n, open_per_sentence = scores.shape
-    vocab = next_pieces.vocab
+    vocab = next_pieces.width  # the shortlist's candidates, or the whole vocabulary
+    eos = next_pieces.column(EOS)
+    never = [PAD, BOS]  # the columns of pieces search never chooses
+    if next_pieces.columns is not None:
+        never = [column for column in next_pieces.columns[never].tolist() if column >= 0]
     sentences_per_chunk = max(1, CHUNK_ELEMENTS // (open_per_sentence * vocab))
     chunks = []
     for start in range(0, n, sentences_per_chunk):
         end = min(n, start + sentences_per_chunk)
         rows = slice(start * open_per_sentence, end * open_per_sentence)
         log_probs = next_pieces.log_probs(rows)
-        log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
+        log_probs[:, never] = -torch.inf
         dictated = None
         if forced is not None:
             wanted = forced[start:end].repeat_interleave(open_per_sentence)  # per row
             dictated_rows = (wanted >= 0).nonzero().squeeze(1)
             if dictated_rows.numel():
-                pieces = wanted[dictated_rows]
+                pieces = next_pieces.column(wanted[dictated_rows])  # a shortlist holds the prefixes' pieces
                 dictated = dictated_rows, pieces, log_probs[dictated_rows, pieces].clone()
         if no_repeat_ngram:
-            ban_repeated_ngrams(log_probs, prefix[rows], no_repeat_ngram)
+            ban_repeated_ngrams(log_probs, prefix[rows], no_repeat_ngram, next_pieces.columns)
         if dictated is not None:  # a prefix's piece is taken at its probability, whatever else is ruled out
             dictated_rows, pieces, values = dictated
             log_probs[dictated_rows] = -torch.inf
@@ -181,19 +208,19 @@ def best_extensions(
         forced = at_limit[start:end]
         if forced.any():
             # after the scores are added, so EOS stays the only choice even where they are NaN (a diverged model)
-            eos = candidates[forced, :, EOS]
+            ending = candidates[forced, :, eos]
             candidates[forced] = -torch.inf
-            candidates[forced, :, EOS] = eos
+            candidates[forced, :, eos] = ending
         candidates = candidates.view(end - start, open_per_sentence * vocab)
         if sampler is not None:
-            chunks.append(sampler(candidates))
+            chunks.append(sampler(candidates, eos))
         elif count == 1:  # greedy: max keeps the first of equal scores
             chunks.append(candidates.max(dim=1, keepdim=True))
         else:
             chunks.append(candidates.topk(min(count, candidates.size(1)), dim=1))
     if len(chunks) == 1:
-        return chunks[0][0], chunks[0][1]
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return chunks[0][0], next_pieces.piece_index(chunks[0][1])
+    return torch.cat([c[0] for c in chunks]), next_pieces.piece_index(torch.cat([c[1] for c in chunks]))
 
 
 class Sampler:
@@ -203,8 +230,9 @@ class Sampler:
         self.temperature, self.top_k, self.top_p = options.temperature, options.top_k, options.top_p
         self.generator = generator
 
-    def __call__(self, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        """candidates (n, V) log-probabilities plus a constant per row -> (n, 1) the chosen's and its index."""
+    def __call__(self, candidates: Tensor, eos: int = EOS) -> tuple[Tensor, Tensor]:
+        """candidates (n, V) log-probabilities plus a constant per row -> (n, 1) the chosen's and its
+        index; `eos` the column of EOS."""
         logits = candidates / self.temperature  # the row's constant leaves the softmax alone
         if 0 < self.top_k < logits.size(1):
             kth = logits.topk(self.top_k, dim=1).values[:, -1:]
@@ -215,7 +243,7 @@ class Sampler:
             outside = probs.cumsum(dim=1) - probs > self.top_p  # the most probable piece always stays
             logits = logits.scatter(1, order, ordered.masked_fill(outside, -torch.inf))
         probs = torch.softmax(logits, dim=1).nan_to_num_(0.0)
-        probs[probs.sum(dim=1) == 0, EOS] = 1.0  # a row with nothing left (a diverged model) ends
+        probs[probs.sum(dim=1) == 0, eos] = 1.0  # a row with nothing left (a diverged model) ends
         chosen = torch.multinomial(probs, 1, generator=self.generator)
         return candidates.gather(1, chosen), chosen
 

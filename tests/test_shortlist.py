@@ -83,10 +83,9 @@ def test_next_pieces_over_candidates_are_the_log_softmax_of_those_logits():
         got = next_pieces.log_probs(slice(0, 1))
         hidden = model.step(torch.tensor([[2]]), model.start_decoding(*model.encode(src)))[0]
         want = torch.log_softmax(model.logits(hidden)[:, candidates], dim=-1)
-    assert torch.allclose(got[:, candidates], want, atol=1e-5)
-    others = torch.ones(40, dtype=torch.bool)
-    others[candidates] = False
-    assert torch.isinf(got[:, others]).all()
+    assert got.shape == (1, 4) and torch.allclose(got, want, atol=1e-5)  # column c is piece candidates[c]
+    assert next_pieces.column(torch.tensor([7, 8])).tolist() == [1, -1]
+    assert next_pieces.piece_index(torch.tensor([2, 4 + 3])).tolist() == [11, 40 + 30]  # hypothesis * V + id
 
 
 def test_training_builds_a_shortlist_that_translate_and_export_use(trained, tmp_path):
@@ -121,3 +120,14 @@ def test_a_target_prefix_outside_the_shortlist_is_still_followed():
     found = decode(engine, [[5, 6, 7]], DecodeOptions(beam=2, max_len_b=6, shortlist=True), prefixes=[[30, 31]])
     assert found[0][0].tokens[:2] == [30, 31] and np.isfinite(found[0][0].score)
     assert set(found[0][0].tokens[2:]) <= set(few.tolist())
+
+
+def test_sampling_and_no_repeat_ngram_stay_inside_the_shortlist():
+    model = tiny_model(vocab=40).eval()
+    few = np.array([4, 20, 21, 22, 23], dtype=np.int32)
+    engine = TorchEngine(model, torch.device("cpu"), shortlist=Shortlist(np.tile(few, (40, 1)), few[:0], "x"))
+    sampled = decode(engine, [[5, 6, 7]] * 3, DecodeOptions(sampling=True, nbest=2, max_len_b=8, shortlist=True))
+    assert all(set(h.tokens) <= set(few.tolist()) for hyps in sampled for h in hyps)
+    banned = decode(engine, [[5, 6, 7]], DecodeOptions(beam=3, max_len_b=12, no_repeat_ngram=1, shortlist=True))
+    for h in banned[0]:
+        assert len(h.tokens) == len(set(h.tokens)) and set(h.tokens) <= set(few.tolist())
