@@ -184,7 +184,6 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         "",
         "```",
         *_use_lines(run_dir, config),
-        "```",
         "",
         "## Data",
         "",
@@ -209,13 +208,10 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         "|---|---|---|---|---|",
     ]
     if "valid_bleu" in best:
-        count = (
-            (t.valid_sentences or "all")
-            if not d.directions
-            else f"mean of the directions, {t.valid_sentences or 'all'}"
-        )
+        count = t.valid_sentences or "all"
         lines.append(
-            f"| {d.valid} (first {count} sentences) | {search_name(t.valid_beam)} | "
+            f"| {d.valid} ({'mean of the directions, ' if d.directions else ''}first {count} sentences"
+            f"{' of each' if d.directions else ''}) | {search_name(t.valid_beam)} | "
             f"{best['valid_bleu']:.2f} | {best['valid_chrf']:.2f} | |"
         )
     for name, bleu in direction_scores(best).items():
@@ -260,6 +256,7 @@ def _use_lines(run_dir: Path, config: Config) -> list[str]:
         return [
             f"echo 'a sentence in {d.src}' | mt translate {run_dir} --beam {beam}",
             f"mt eval {run_dir} --src FILE.{d.src} --ref FILE.{d.tgt}",
+            "```",
         ]
     first = directions(d)[0]
     tags = ", ".join(f"`{language_tag(lang)}`" for lang in target_languages(d))
@@ -271,8 +268,6 @@ def _use_lines(run_dir: Path, config: Config) -> list[str]:
         f"Trained directions: {', '.join(x.name for x in directions(d))}; target-language tags {tags} "
         "(reserved pieces of the SentencePiece model, put before each source). Other pairs of these "
         "languages are zero-shot; `--pivot LANG` translates through LANG instead.",
-        "",
-        "```",
     ]
 
 
