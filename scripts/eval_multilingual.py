@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,9 +38,12 @@ def language_identifier(languages: list[str]):
     return identifier
 
 
-def off_target(identifier, texts: list[str], lang: str) -> float:
+def off_target(identifier, texts: list[str], lang: str) -> tuple[float, str]:
+    """The % of non-blank `texts` not identified as `lang`, and the languages they were taken for."""
     found = [identifier.classify(text)[0] for text in texts if text.strip()]
-    return 100.0 * sum(code != lang for code in found) / max(1, len(found))
+    wrong = Counter(code for code in found if code != lang)
+    share = 100.0 * sum(wrong.values()) / max(1, len(found))
+    return share, " ".join(f"{code}:{n}" for code, n in wrong.most_common())
 
 
 def translate(translator: Translator, lines: list[str], tgt: str, beam: int, pivot: str | None) -> list[str]:
@@ -69,7 +73,7 @@ def main() -> None:
     texts = {lang: read_lines(data / f"{args.split}.{lang}") for lang in languages}
     identifier = language_identifier(languages)
     print(f"{args.run_dir} on {data}/{args.split}.*, beam {args.beam}; languages {', '.join(languages)}")
-    floor = {lang: off_target(identifier, texts[lang], lang) for lang in languages}
+    floor = {lang: off_target(identifier, texts[lang], lang)[0] for lang in languages}
     print(
         "language identifier on the references (% not recognised): "
         + ", ".join(f"{lang} {rate:.1f}" for lang, rate in floor.items())
@@ -79,7 +83,7 @@ def main() -> None:
     runs += [(name, None) for name in zero_shot]
     if args.pivot:
         runs += [(name, args.pivot) for name in zero_shot if args.pivot not in name.split("-")]
-    print(f"{'direction':<12}{'kind':<14}{'BLEU':>7}{'chrF':>7}{'off-target %':>14}{'sent/s':>9}")
+    print(f"{'direction':<12}{'kind':<14}{'BLEU':>7}{'chrF':>7}{'off-target %':>14}{'sent/s':>9}  taken for")
     results, signature = [], None
     for name, pivot in runs:
         src, tgt = name.split("-")
@@ -89,18 +93,20 @@ def main() -> None:
         scores = corpus_scores(hyps, texts[tgt])
         signature = scores["bleu_signature"]
         kind = "trained" if name in trained else f"pivot {pivot}" if pivot else "zero-shot"
+        share, taken_for = off_target(identifier, hyps, tgt)
         row = {
             "direction": name,
             "kind": kind,
             "bleu": scores["bleu"],
             "chrf": scores["chrf"],
-            "off_target": off_target(identifier, hyps, tgt),
+            "off_target": share,
+            "taken_for": taken_for,
             "sent_per_s": len(hyps) / seconds,
         }
         results.append(row)
         print(
             f"{name:<12}{kind:<14}{row['bleu']:>7.2f}{row['chrf']:>7.2f}{row['off_target']:>14.1f}"
-            f"{row['sent_per_s']:>9.1f}",
+            f"{row['sent_per_s']:>9.1f}  {taken_for}",
             flush=True,
         )
     print(f"BLEU signature: {signature}")
