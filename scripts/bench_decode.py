@@ -47,6 +47,11 @@ def measure(
     return {"seconds": seconds, "sent_per_s": len(sources) / seconds, "tok_per_s": pieces / seconds}, texts
 
 
+def print_row(label: str, stats: dict, bleu: str) -> None:
+    row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
+    print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -99,8 +104,7 @@ def main() -> None:
         stats, texts = measure(translator, sources, beam, cached)
         results[(name, cached)] = (stats, texts)
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
-        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
-        print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+        print_row(label, stats, bleu)
     if args.shortlist:
         compare_shortlist(translator, sources, refs, results, args.beam)
     if translator.device.type == "cuda":
@@ -123,8 +127,7 @@ def compare_shortlist(translator: Translator, sources, refs, results, beam: int)
         (full, full_texts) = results[(name, True)]
         label = f"{name} shortlist"
         bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
-        print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
+        print_row(label, stats, "-" if bleu is None else f"{bleu:.2f}")
         same = sum(a == b for a, b in zip(texts, full_texts))
         delta = f", BLEU {bleu - corpus_scores(full_texts, refs)['bleu']:+.2f}" if refs else ""
         ratio = stats["sent_per_s"] / full["sent_per_s"]
@@ -142,8 +145,7 @@ def compare_ensemble(args, sources, refs, results, max_tokens: int) -> None:
         alone, _ = results[(name, True)]
         label = f"{name} x{len(members)}"
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
-        row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
-        print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+        print_row(label, stats, bleu)
         ratio = alone["sent_per_s"] / stats["sent_per_s"]
         print(f"{name}: an ensemble of {len(members)} decodes {ratio:.2f}x slower than {args.run_dir} alone")
 
@@ -164,8 +166,7 @@ def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_toke
             ours, our_texts = results[(name, True)]
             label = f"{name} ct2 {quantization}{' vmap' if vmap else ''}"
             bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-            row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
-            print(f"{row}{peak_rss_mb():>13.0f}{'-' if bleu is None else f'{bleu:.2f}':>8}", flush=True)
+            print_row(label, stats, "-" if bleu is None else f"{bleu:.2f}")
             same = sum(a == b for a, b in zip(texts, our_texts))
             delta = f", BLEU {bleu - corpus_scores(our_texts, refs)['bleu']:+.2f}" if refs else ""
             print(
