@@ -46,11 +46,13 @@ class NextPieces:
         vocab: int,
         candidates: Tensor | None = None,
         columns: Tensor | None = None,
+        never: list[int] | None = None,
     ):
         self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
         self.vocab, self.candidates = vocab, candidates  # V, and the shortlist's (C,) sorted ids or None
         self.width = vocab if candidates is None else len(candidates)  # columns of `log_probs`
         self.columns = columns  # (V,) each piece's column, -1 outside the shortlist; None without one
+        self.never = never or []  # a shortlist's columns of PAD and BOS, if it holds them: never chosen
 
     def log_probs(self, rows: slice) -> Tensor:
         """(rows, width) in fp32: one model's log-softmax, or the weighted mean of the ensemble's (over
@@ -86,10 +88,11 @@ class Models:
         self.max_positions = min(m.max_positions for m in models)
         self.vocab = models[0].output_weight.size(0)
         self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
-        self.columns = None
+        self.columns, self.never = None, None
         if candidates is not None:
             self.columns = torch.full((self.vocab,), -1, dtype=torch.long, device=candidates.device)
             self.columns[candidates] = torch.arange(len(candidates), device=candidates.device)
+            self.never = [column for column in self.columns[[PAD, BOS]].tolist() if column >= 0]
 
     def restricted(self, candidates: Tensor | None) -> Models:
         """The same models, their output layer cut to `candidates` (a batch's shortlist) for one search."""
@@ -107,7 +110,8 @@ class Models:
         stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
         new_states = [state for _, state in stepped]
         hidden, weights = [h for h, _ in stepped], [s.output_weight for s in new_states]
-        return NextPieces(hidden, weights, self.weights, self.vocab, self.candidates, self.columns), new_states
+        found = NextPieces(hidden, weights, self.weights, self.vocab, self.candidates, self.columns, self.never)
+        return found, new_states
 
 
 def select(states: list[DecoderState], rows: Tensor, sentences: Tensor | None = None) -> list[DecoderState]:
@@ -181,16 +185,16 @@ def best_extensions(
     n, open_per_sentence = scores.shape
     vocab = next_pieces.width  # the shortlist's candidates, or the whole vocabulary
     eos = next_pieces.column(EOS)
-    never = [PAD, BOS]  # the columns of pieces search never chooses
-    if next_pieces.columns is not None:
-        never = [column for column in next_pieces.columns[never].tolist() if column >= 0]
     sentences_per_chunk = max(1, CHUNK_ELEMENTS // (open_per_sentence * vocab))
     chunks = []
     for start in range(0, n, sentences_per_chunk):
         end = min(n, start + sentences_per_chunk)
         rows = slice(start * open_per_sentence, end * open_per_sentence)
         log_probs = next_pieces.log_probs(rows)
-        log_probs[:, never] = -torch.inf
+        if next_pieces.candidates is None:
+            log_probs[:, PAD] = log_probs[:, BOS] = -torch.inf
+        elif next_pieces.never:
+            log_probs[:, next_pieces.never] = -torch.inf
         dictated = None
         if forced is not None:
             wanted = forced[start:end].repeat_interleave(open_per_sentence)  # per row
