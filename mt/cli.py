@@ -257,7 +257,7 @@ def translate(
     mt translate runs/multi30k_multilingual --src-lang de --tgt-lang fr --pivot en < input.de   (through English)
     """
     from mt.alignment import format_alignment
-    from mt.translate import Translator, pivot_chunks, read_chunks, split_tabs, with_prefix_file
+    from mt.translate import Translator, check_languages, pivot_chunks, read_chunks, split_tabs, with_prefix_file
 
     if tsv and prefix_file is not None:
         raise MTError("give --tsv or --prefix-file, not both")
@@ -267,13 +267,7 @@ def translate(
         raise MTError("--pivot translates twice: it cannot take target prefixes or print alignments")
     translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
     second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
-    if pivot is not None:
-        translator.check_direction(src_lang, pivot)
-        second.check_direction(pivot, tgt_lang)
-        translator.source_prefix(pivot), second.source_prefix(tgt_lang)  # both languages known, before reading
-    else:
-        translator.check_direction(src_lang, tgt_lang)
-        translator.source_prefix(tgt_lang)
+    check_languages(translator, second, src_lang, tgt_lang, pivot)
     options = second.options(
         beam=beam,
         length_penalty=length_penalty,
@@ -579,7 +573,7 @@ def evaluate(
     from mt.data import read_lines
     from mt.evaluate import score_report
     from mt.files import atomic_write_text
-    from mt.translate import Translator, translate_file
+    from mt.translate import Translator, check_languages, translate_file
 
     if paired_bs and samples < 1:
         raise MTError("--samples must be at least 1")
@@ -591,9 +585,7 @@ def evaluate(
         systems = {str(path): read_lines(path) for path in hyp}
     elif run_dirs and src is not None:
         translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
-        translator.check_direction(src_lang, pivot or tgt_lang)
-        if pivot is not None:
-            translator.check_direction(pivot, tgt_lang)
+        check_languages(translator, translator, src_lang, tgt_lang, pivot)
         hyps = translate_file(
             translator, src, translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist), pivot
         )

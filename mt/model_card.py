@@ -126,7 +126,7 @@ def test_scores(run_dir: Path, config: Config, device: str = "auto") -> dict[str
         except DataError:  # the corpus has no test split (for this direction)
             continue
         translator = translator or Translator(run, device=device, engine="torch")
-        options = translator.options(tgt_lang=direction.tgt if config.data.directions else None)
+        options = translator.options(tgt_lang=direction.tgt)
         hyps = translate_file(translator, src_path, options)
         found[direction.name] = {**corpus_scores(hyps, read_lines(ref_path)), "file": str(src_path)}
     if not found:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from mt.config import Config, directions, target_languages
@@ -17,21 +18,22 @@ from mt.tokenizer import Tokenizer, load_tokenizer, prepare_multilingual_tokeniz
 log = logging.getLogger(__name__)
 
 
-def run_parts(config: Config, split: str, tokenizer: Tokenizer | None = None) -> list[CorpusPart]:
-    """The files of `split` for each direction of the config (checked to exist and hold pairs); with
-    `tokenizer`, a multilingual config's sources are prefixed with their target-language tag."""
+def run_parts(config: Config, split: str) -> list[CorpusPart]:
+    """The files of `split` for each direction of the config (checked to exist and hold pairs), named
+    by direction when the config is multilingual."""
     d = config.data
     parts = []
     for direction in directions(d):
         src_path, tgt_path = corpus_files(direction.dir, split, direction.src, direction.tgt)
         if next(iter_pairs(src_path, tgt_path, d.errors), None) is None:
             raise DataError(f"{src_path}: no sentence pairs")
-        if not d.directions:
-            parts.append(CorpusPart(src_path, tgt_path))
-            continue
-        tag = () if tokenizer is None else (tokenizer.language_tags[direction.tgt],)
-        parts.append(CorpusPart(src_path, tgt_path, direction.name, tag))
+        parts.append(CorpusPart(src_path, tgt_path, direction.name if d.directions else ""))
     return parts
+
+
+def tagged(parts: list[CorpusPart], tokenizer: Tokenizer) -> list[CorpusPart]:
+    """A multilingual config's parts, each source after its direction's target-language tag."""
+    return [replace(p, src_prefix=(tokenizer.language_tags[p.name.split("-")[1]],)) if p.name else p for p in parts]
 
 
 def _run_tokenizer(config: Config, run: RunDir, train_parts: list[CorpusPart]) -> Tokenizer:
@@ -68,7 +70,7 @@ def prepare_run_data(
                 "/".join(str(n) for n in sorted(sizes)),
             )
         if d.directions:
-            train_parts, valid_parts = run_parts(config, d.train, tokenizer), run_parts(config, d.valid, tokenizer)
+            train_parts, valid_parts = tagged(train_parts, tokenizer), tagged(valid_parts, tokenizer)
         # a pair must also fit the model's positions (with BOS/EOS), whatever data.max_length says
         longest = min(d.max_length, config.model.max_positions)
         train = prepare_parts(cache, d.train, train_parts, tokenizer, longest, d.max_length_ratio, d.errors)

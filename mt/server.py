@@ -59,7 +59,6 @@ class Model:
 
     def __init__(self, translator: Translator, limits: ServeLimits, metrics: Metrics):
         self.directions = [(d.src, d.tgt) for d in directions(translator.config.data)]
-        self.multilingual = bool(translator.config.data.directions)
         self.name = ",".join(f"{s}-{t}" for s, t in self.directions)
         self.translator = translator
         self.worker = BatchingWorker(self.name, translator, limits, metrics)
@@ -79,7 +78,7 @@ class Route:
 
     def options(self) -> DecodeOptions:
         """The model's decoding defaults, into `target` (a multilingual model's tag)."""
-        return self.model.translator.options(tgt_lang=self.target if self.model.multilingual else None)
+        return self.model.translator.options(tgt_lang=self.target)
 
 
 class Service:

@@ -228,6 +228,22 @@ class Translator:
             translation.alignment = word_alignment(attention[:-1, skip:-1], src_pieces, tgt_pieces)
 
 
+def check_languages(
+    first: Translator, second: Translator, src_lang: str | None, tgt_lang: str | None, pivot: str | None
+) -> None:
+    """Before any input is read: the output languages must be ones the models translate into (an
+    error otherwise), and untrained directions get a zero-shot warning. With `pivot`, `first`
+    translates into it and `second` on from it."""
+    if pivot is None:
+        first.check_direction(src_lang, tgt_lang)
+        first.source_prefix(tgt_lang)
+        return
+    first.check_direction(src_lang, pivot)
+    second.check_direction(pivot, tgt_lang)
+    first.source_prefix(pivot)
+    second.source_prefix(tgt_lang)
+
+
 def pivot_chunks(
     first: Translator,
     second: Translator,

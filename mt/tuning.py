@@ -93,7 +93,7 @@ def _validation_sets(
     for x in chosen:
         pairs = list(iter_pairs(*corpus_files(x.dir, d.valid, x.src, x.tgt), d.errors))
         pairs = pairs[:max_sentences] if max_sentences else pairs
-        sets.append((x.tgt if d.directions else None, [s for s, _ in pairs], [t for _, t in pairs]))
+        sets.append((x.tgt, [s for s, _ in pairs], [t for _, t in pairs]))
     return sets
 
 
