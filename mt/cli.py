@@ -244,6 +244,9 @@ def translate(
     shortlist: bool | None = typer.Option(
         None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
     ),
+    beam_stop: str | None = typer.Option(
+        None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
+    ),
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -280,6 +283,7 @@ def translate(
         ),
         tgt_lang=tgt_lang,
         shortlist=shortlist,
+        beam_stop=beam_stop,
     )
     chunks = read_chunks(sys.stdin)
     if tsv:
@@ -293,7 +297,9 @@ def translate(
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
     if pivot is not None:
-        first = translator.options(beam=beam, length_penalty=length_penalty, tgt_lang=pivot, shortlist=shortlist)
+        first = translator.options(
+            beam=beam, length_penalty=length_penalty, tgt_lang=pivot, shortlist=shortlist, beam_stop=beam_stop
+        )
         results = pivot_chunks(translator, second, chunks, first, options)
     else:
         results = translator.translate_chunks(chunks, options, layer)
@@ -563,6 +569,9 @@ def evaluate(
     shortlist: bool | None = typer.Option(
         None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
     ),
+    beam_stop: str | None = typer.Option(
+        None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
+    ),
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
@@ -587,7 +596,10 @@ def evaluate(
         translator = Translator(run_dirs, checkpoint, device, weights=weight or None)
         check_languages(translator, translator, src_lang, tgt_lang, pivot)
         hyps = translate_file(
-            translator, src, translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist), pivot
+            translator,
+            src,
+            translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist, beam_stop=beam_stop),
+            pivot,
         )
         if output is not None:
             atomic_write_text(output, "".join(h + "\n" for h in hyps))

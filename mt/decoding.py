@@ -20,8 +20,9 @@ from mt.device import autocast, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
-from mt.search import Hypothesis, Models, search
+from mt.search import STOPPING_RULES, Hypothesis, search
 from mt.shortlist import Shortlist
+from mt.stepping import Models
 from mt.tokenizer import Tokenizer, load_tokenizer
 from mt.vocab import BOS, EOS
 
@@ -51,6 +52,7 @@ class DecodeOptions:
     # model's only target language
     tgt_lang: str | None = None
     shortlist: bool = False  # the output layer over the run's lexical shortlist only (mt.shortlist)
+    beam_stop: str = "exact"  # when a beam-search sentence stops: exact | heuristic | k_finished (mt.search)
 
     @classmethod
     def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:
@@ -60,6 +62,8 @@ class DecodeOptions:
         options = replace(options, **{name: value for name, value in changes.items() if value is not None})
         if options.beam < 1:
             raise MTError("the beam size must be at least 1")
+        if options.beam_stop not in STOPPING_RULES:
+            raise MTError(f"beam stop {options.beam_stop!r}: choose one of {', '.join(STOPPING_RULES)}")
         if options.no_repeat_ngram < 0:
             raise MTError(f"no_repeat_ngram {options.no_repeat_ngram}: must be >= 0 (0 allows repeats)")
         if options.sampling:

@@ -6,17 +6,25 @@ log-probability; 1 (the default) by average log-probability per piece.
 
 A hypothesis has at most  max_len_a * len(x) + max_len_b  pieces (len(x) without EOS); at that
 length EOS is forced. With `no_repeat_ngram` N > 0, no hypothesis contains the same N-gram twice.
+
+Beam search stops a sentence (`beam_stop`) once K hypotheses have finished and
+  exact:       no open hypothesis can still beat the K-th finished one, however it goes on (its
+               outputs are those of a search that never stops early);
+  heuristic:   no open hypothesis would beat it by ending at the next step (Hugging Face's rule;
+               with length_penalty 0 the same as exact);
+  k_finished:  at once (fairseq's and CTranslate2's rule).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from mt.model import DecoderState, Transformer
+from mt.model import Transformer
+from mt.stepping import Models, NextPieces, as_models, select
 from mt.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:  # the options record lives with the decoding path that builds it
@@ -28,98 +36,6 @@ class Hypothesis:
     tokens: list[int]  # generated pieces, without BOS and EOS
     score: float  # log-probability / length ** length_penalty
     log_prob: float
-
-
-class NextPieces:
-    """The next-piece log-probabilities of R open hypotheses, computed for a slice of rows at a time
-    (a whole batch's (R, V) never has to exist at once).
-
-    With a shortlist the distribution covers its C candidates only: column c is piece candidates[c],
-    and `column` maps piece ids to columns (-1 for a piece outside the shortlist).
-    """
-
-    def __init__(
-        self,
-        hidden: list[Tensor],
-        output_weights: list[Tensor],
-        weights: list[float],
-        vocab: int,
-        candidates: Tensor | None = None,
-        columns: Tensor | None = None,
-        never: list[int] | None = None,
-    ):
-        self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
-        self.vocab, self.candidates = vocab, candidates  # V, and the shortlist's (C,) sorted ids or None
-        self.width = vocab if candidates is None else len(candidates)  # columns of `log_probs`
-        self.columns = columns  # (V,) each piece's column, -1 outside the shortlist; None without one
-        self.never = never or []  # a shortlist's columns of PAD and BOS, if it holds them: never chosen
-
-    def log_probs(self, rows: slice) -> Tensor:
-        """(rows, width) in fp32: one model's log-softmax, or the weighted mean of the ensemble's (over
-        the shortlist's candidates only, when there is one)."""
-        total = None
-        for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
-            log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
-            if len(self.hidden) > 1:
-                log_probs.mul_(weight)
-            total = log_probs if total is None else total.add_(log_probs)
-        return total
-
-    def column(self, pieces: Tensor | int) -> Tensor | int:
-        """Piece ids -> their columns in `log_probs` (-1: not a candidate)."""
-        return pieces if self.columns is None else self.columns[pieces]
-
-    def piece_index(self, index: Tensor) -> Tensor:
-        """Indices into (hypothesis, column) -> indices into (hypothesis, piece id): hypothesis * V + id."""
-        if self.candidates is None:
-            return index
-        return index // self.width * self.vocab + self.candidates[index % self.width]
-
-
-class Models:
-    """The model(s) one search steps through: a Transformer, or an ensemble that shares the target
-    vocabulary, each member with its own encoder output and cache; weights are normalised to sum to 1."""
-
-    def __init__(self, models: list[Transformer], weights: list[float] | None = None, candidates: Tensor | None = None):
-        weights = weights or [1.0] * len(models)
-        if len(weights) != len(models) or min(weights) <= 0:
-            raise ValueError(f"ensemble weights {weights}: one positive weight per model ({len(models)})")
-        self.members, self.weights = models, [w / sum(weights) for w in weights]
-        self.max_positions = min(m.max_positions for m in models)
-        self.vocab = models[0].output_weight.size(0)
-        self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
-        self.columns, self.never = None, None
-        if candidates is not None:
-            self.columns = torch.full((self.vocab,), -1, dtype=torch.long, device=candidates.device)
-            self.columns[candidates] = torch.arange(len(candidates), device=candidates.device)
-            self.never = [column for column in self.columns[[PAD, BOS]].tolist() if column >= 0]
-
-    def restricted(self, candidates: Tensor | None) -> Models:
-        """The same models, their output layer cut to `candidates` (a batch's shortlist) for one search."""
-        return Models(self.members, self.weights, candidates)
-
-    def start(self, src: Tensor, use_cache: bool) -> list[DecoderState]:
-        """src (B, S) -> each member's decoder state (its encoder output, keys/values of the source)."""
-        states = [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
-        if self.candidates is not None:  # the output projection's columns of the shortlist, once per batch
-            states = [replace(s, output_weight=s.output_weight[:, self.candidates].contiguous()) for s in states]
-        return states
-
-    def step(self, prefix: Tensor, states: list[DecoderState]) -> tuple[NextPieces, list[DecoderState]]:
-        """prefix (R, t) -> the next-piece distribution of each row, and the members' new states."""
-        stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
-        new_states = [state for _, state in stepped]
-        hidden, weights = [h for h, _ in stepped], [s.output_weight for s in new_states]
-        found = NextPieces(hidden, weights, self.weights, self.vocab, self.candidates, self.columns, self.never)
-        return found, new_states
-
-
-def select(states: list[DecoderState], rows: Tensor, sentences: Tensor | None = None) -> list[DecoderState]:
-    return [state.select(rows, sentences) for state in states]
-
-
-def as_models(model: Transformer | Models) -> Models:
-    return model if isinstance(model, Models) else Models([model])
 
 
 def search_name(beam: int) -> str:
@@ -284,6 +200,19 @@ def prefix_lengths(table: Tensor | None) -> Tensor | None:
     return None if table is None else (table >= 0).sum(dim=1)
 
 
+STOPPING_RULES = ("exact", "heuristic", "k_finished")
+
+
+def stopping_score(rule: str, log_prob: Tensor, length: int, limit: Tensor, length_penalty: float) -> Tensor:
+    """(n,) the score a sentence's K-th finished hypothesis must reach for the sentence to stop, under
+    `rule` (see the module docstring), given its best open hypothesis's log-probability (n,)."""
+    if rule == "exact":
+        return best_reachable(log_prob, length, limit, length_penalty)
+    if rule == "heuristic":
+        return log_prob / (length + 1) ** length_penalty
+    return torch.full_like(log_prob, torch.finfo(log_prob.dtype).min)  # any finished score will do
+
+
 def best_reachable(log_prob: Tensor, length: int, limit: Tensor, length_penalty: float) -> Tensor:
     """(n,) the best normalised score open hypotheses of `length` pieces and these log-probabilities can
     still reach by the sentences' length limits (n,): the log-probability can only fall, so the score
@@ -373,9 +302,8 @@ def beam_search(
 
     Each step extends the K open hypotheses of every sentence, keeps the 2K best candidates,
     moves those ending in EOS (among the top K) to the sentence's finished list and continues
-    with the K best others. A sentence stops when it has K finished hypotheses and no open one
-    can still beat the K-th (its score can only fall, so its best possible normalised score is
-    bounded), or at its maximum length.
+    with the K best others. A sentence stops at its maximum length, or once it has K finished
+    hypotheses and `options.beam_stop` says no open one is still worth following (module docstring).
     """
     k, length_penalty = options.beam, options.length_penalty
     batch = src.size(0)
@@ -428,7 +356,8 @@ def beam_search(
         states = select(states, rows)
 
         best_open = scores[:, 0]
-        done = at_limit | (kth_finished >= best_reachable(best_open, length, limit, length_penalty))
+        stop_at = stopping_score(options.beam_stop, best_open, length, limit, length_penalty)
+        done = at_limit | (kth_finished >= stop_at)
         done |= ~torch.isfinite(best_open)
         if done.any():
             keep = (~done).nonzero().squeeze(1)

@@ -32,9 +32,10 @@ def peak_rss_mb() -> float:
 
 
 def measure(
-    translator: Translator, sources: list[list[int]], beam: int, use_cache: bool, shortlist: bool = False
+    translator: Translator, sources: list[list[int]], beam: int, use_cache: bool, shortlist: bool = False, **changes
 ) -> tuple[dict, list[str]]:
-    options = translator.options(beam=beam, use_cache=use_cache, shortlist=shortlist)
+    """Decode `sources` with the model's defaults and these changes: speed, and the detokenized outputs."""
+    options = translator.options(beam=beam, use_cache=use_cache, shortlist=shortlist, **changes)
     if translator.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -47,9 +48,13 @@ def measure(
     return {"seconds": seconds, "sent_per_s": len(sources) / seconds, "tok_per_s": pieces / seconds}, texts
 
 
+ROWS: list[dict] = []  # every row printed, for --json
+
+
 def print_row(label: str, stats: dict, bleu: str) -> None:
     row = f"{label:<22}{stats['sent_per_s']:>10.1f}{stats['tok_per_s']:>10.0f}{stats['seconds']:>10.2f}"
     print(f"{row}{peak_rss_mb():>13.0f}{bleu:>8}", flush=True)
+    ROWS.append({"mode": label, **stats, "peak_rss_mb": peak_rss_mb(), "bleu": None if bleu == "-" else float(bleu)})
 
 
 def main() -> None:
@@ -65,6 +70,13 @@ def main() -> None:
     parser.add_argument("--shortlist", action="store_true", help="also time the output layer over the shortlist")
     parser.add_argument("--no-uncached", action="store_true", help="skip the slow uncached reference path")
     parser.add_argument(
+        "--beam-stop",
+        action="append",
+        default=[],
+        choices=["exact", "heuristic", "k_finished"],
+        help="also time beam search with this stopping rule (repeatable; the model's own is decode.beam_stop)",
+    )
+    parser.add_argument(
         "--ctranslate2",
         type=Path,
         action="append",
@@ -77,6 +89,12 @@ def main() -> None:
         action="append",
         default=[],
         help="also time RUN_DIR ensembled with this run directory (repeatable: more members)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every row printed to this file")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile beam search (torch.profiler): the operators taking most time",
     )
     args = parser.parse_args()
     if args.threads:
@@ -105,6 +123,8 @@ def main() -> None:
         results[(name, cached)] = (stats, texts)
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
         print_row(label, stats, bleu)
+    for rule in args.beam_stop:
+        compare_stopping(translator, sources, refs, results, args.beam, rule)
     if args.shortlist:
         compare_shortlist(translator, sources, refs, results, args.beam)
     if translator.device.type == "cuda":
@@ -118,20 +138,50 @@ def main() -> None:
         compare_ctranslate2(export_dir, args, sources, refs, results, translator.config.decode.max_tokens)
     if args.ensemble:
         compare_ensemble(args, sources, refs, results, translator.config.decode.max_tokens)
+    if args.json:
+        args.json.write_text(json.dumps(ROWS, indent=1) + "\n")
+    if args.profile:
+        profile(translator, sources, args.beam, args.shortlist)
+
+
+def profile(translator: Translator, sources, beam: int, shortlist: bool) -> None:
+    """Beam search over the sentences under torch.profiler: the operators by their own time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if translator.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        stats, _ = measure(translator, sources, beam, True, shortlist=shortlist)
+    print(
+        f"profiled beam{beam}{' shortlist' if shortlist else ''}: {stats['sent_per_s']:.1f} sent/s under the profiler"
+    )
+    sort = "self_cuda_time_total" if translator.device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=25))
+
+
+def compare_stopping(translator: Translator, sources, refs, results, beam: int, rule: str) -> None:
+    """Beam search with another stopping rule (decode.beam_stop): speed and BLEU against the model's own."""
+    stats, texts = measure(translator, sources, beam, True, beam_stop=rule)
+    print_against(
+        f"beam{beam} {rule}", stats, texts, results[(f"beam{beam}", True)], refs, translator.config.decode.beam_stop
+    )
+
+
+def print_against(label: str, stats: dict, texts: list[str], base: tuple[dict, list[str]], refs, against: str) -> None:
+    """A row, then its speed ratio, BLEU difference and identical outputs against `base` (stats, texts)."""
+    base_stats, base_texts = base
+    bleu = corpus_scores(texts, refs)["bleu"] if refs else None
+    print_row(label, stats, "-" if bleu is None else f"{bleu:.2f}")
+    same = sum(a == b for a, b in zip(texts, base_texts))
+    delta = f", BLEU {bleu - corpus_scores(base_texts, refs)['bleu']:+.2f}" if refs else ""
+    ratio = stats["sent_per_s"] / base_stats["sent_per_s"]
+    print(f"  {label} / {against} = {ratio:.2f}x{delta}, {same}/{len(texts)} outputs identical")
 
 
 def compare_shortlist(translator: Translator, sources, refs, results, beam: int) -> None:
     """The same model with its output layer over the lexical shortlist: speed and BLEU against the whole layer."""
     for name, size in (("greedy", 1), (f"beam{beam}", beam)):
         stats, texts = measure(translator, sources, size, True, shortlist=True)
-        (full, full_texts) = results[(name, True)]
-        label = f"{name} shortlist"
-        bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-        print_row(label, stats, "-" if bleu is None else f"{bleu:.2f}")
-        same = sum(a == b for a, b in zip(texts, full_texts))
-        delta = f", BLEU {bleu - corpus_scores(full_texts, refs)['bleu']:+.2f}" if refs else ""
-        ratio = stats["sent_per_s"] / full["sent_per_s"]
-        print(f"  {label} / whole output layer = {ratio:.2f}x{delta}, {same}/{len(texts)} outputs identical")
+        print_against(f"{name} shortlist", stats, texts, results[(name, True)], refs, "whole output layer")
 
 
 def compare_ensemble(args, sources, refs, results, max_tokens: int) -> None:
@@ -163,16 +213,8 @@ def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_toke
     for vmap in vmaps:
         for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
             stats, texts = measure(engine, sources, beam, True, shortlist=vmap)
-            ours, our_texts = results[(name, True)]
             label = f"{name} ct2 {quantization}{' vmap' if vmap else ''}"
-            bleu = corpus_scores(texts, refs)["bleu"] if refs else None
-            print_row(label, stats, "-" if bleu is None else f"{bleu:.2f}")
-            same = sum(a == b for a, b in zip(texts, our_texts))
-            delta = f", BLEU {bleu - corpus_scores(our_texts, refs)['bleu']:+.2f}" if refs else ""
-            print(
-                f"  {label} / mt cached = {stats['sent_per_s'] / ours['sent_per_s']:.2f}x{delta}, "
-                f"{same}/{len(texts)} outputs identical"
-            )
+            print_against(label, stats, texts, results[(name, True)], refs, "mt cached")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from conftest import run_mt, tiny_model
 from mt.batching import pad
 from mt.config import TokenizerConfig
 from mt.decoding import DecodeOptions, TorchEngine, decode, score
-from mt.search import Models, search
+from mt.search import search
+from mt.stepping import Models
 from mt.tokenizer import train_sentencepiece
 from mt.vocab import BOS, EOS, PAD
 

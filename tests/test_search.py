@@ -161,16 +161,54 @@ def test_beam_search_stops_early_only_when_no_open_hypothesis_can_still_win(monk
     monkeypatch.setattr(model, "step", counted)
     for penalty in (0.0, 1.0, 2.0):
         steps["count"] = 0
-        early = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty)
+        early = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty, beam_stop="exact")
         early_steps = steps["count"]
         with monkeypatch.context() as patched:
             patched.setattr(mt.search, "best_reachable", lambda scores, length, limit, penalty: scores + torch.inf)
             steps["count"] = 0
-            exhaustive = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty)
+            exhaustive = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty, beam_stop="exact")
         assert [[h.tokens for h in n] for n in early] == [[h.tokens for h in n] for n in exhaustive]
         assert early_steps <= steps["count"]
         if penalty < 2:  # at penalty 2 the bound at the length limit stays above every finished score here
             assert early_steps < steps["count"]
+
+
+def test_each_looser_stopping_rule_runs_fewer_decoder_rows(monkeypatch):
+    """exact >= heuristic >= k_finished in work; heuristic is exact at length penalty 0, and every rule
+    returns K finished hypotheses per sentence."""
+    from mt.translate import Translator
+
+    fixture = Path(__file__).parent / "fixtures" / "run_0.1.0"
+    translator = Translator(fixture / "run", device="cpu")
+    model = translator.engine.model
+    src = pad(translator.tokenizer.encode_src((fixture / "data" / "test.src").read_text().splitlines()), suffix=[EOS])
+    rows = {"count": 0}
+    step = model.step
+
+    def counted(prefix, state):
+        rows["count"] += prefix.size(0)
+        return step(prefix, state)
+
+    monkeypatch.setattr(model, "step", counted)
+    for penalty in (0.0, 1.0):
+        work, outputs = {}, {}
+        for rule in ("exact", "heuristic", "k_finished"):
+            rows["count"] = 0
+            found = beam_search(model, src, beam=4, nbest=4, length_penalty=penalty, beam_stop=rule)
+            work[rule], outputs[rule] = rows["count"], [[h.tokens for h in hyps] for hyps in found]
+            assert all(len(hyps) == 4 for hyps in found)
+        assert work["exact"] >= work["heuristic"] >= work["k_finished"]
+        assert work["exact"] > work["k_finished"]
+        if penalty == 0:
+            assert outputs["heuristic"] == outputs["exact"] and work["heuristic"] == work["exact"]
+
+
+def test_an_unknown_stopping_rule_is_refused():
+    from mt.config import DecodeConfig
+    from mt.errors import MTError
+
+    with pytest.raises(MTError, match="beam stop 'soon': choose one of exact, heuristic, k_finished"):
+        DecodeOptions.from_config(DecodeConfig(), beam_stop="soon")
 
 
 def test_best_reachable_bounds_every_continuation():

@@ -11,8 +11,8 @@ from mt.config import TokenizerConfig
 from mt.corpus_cache import prepare_corpus
 from mt.decoding import DecodeOptions, TorchEngine, decode
 from mt.errors import CheckpointError
-from mt.search import Models
 from mt.shortlist import Shortlist, build_shortlist
+from mt.stepping import Models
 from mt.tokenizer import prepare_tokenizer
 from mt.vocab import EOS
 
