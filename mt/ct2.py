@@ -212,7 +212,25 @@ class CTranslate2Engine:
                 found[index] = [
                     self._hypothesis(tokens, score, options) for tokens, score in zip(r.hypotheses, r.scores)
                 ]
+        self._score_forced_ends(sources, found, limits, options)
         return found
+
+    def _score_forced_ends(
+        self, sources: list[list[int]], found: list[list[Hypothesis]], limits: list[int], options: DecodeOptions
+    ) -> None:
+        """CTranslate2 stops a hypothesis at the length limit without the EOS that mt's own search forces
+        (and scores) there: rescore those hypotheses, rare, with their EOS, so both engines agree."""
+        cut = [
+            (i, rank) for i, hyps in enumerate(found) for rank, h in enumerate(hyps) if len(h.tokens) + 1 >= limits[i]
+        ]
+        if not cut:
+            return
+        log_probs = self.score([sources[i] for i, _ in cut], [found[i][rank].tokens for i, rank in cut], options)
+        for (i, rank), pieces in zip(cut, log_probs):
+            tokens, total = found[i][rank].tokens, sum(pieces)
+            found[i][rank] = Hypothesis(tokens, total / (len(tokens) + 1) ** options.length_penalty, total)
+        for i in {i for i, _ in cut}:
+            found[i].sort(key=lambda h: h.score, reverse=True)
 
     def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:
         """Teacher-forced log-probability of each target piece and of the closing EOS, per pair."""

@@ -24,27 +24,28 @@ class Rotary(nn.Module):
             raise ValueError(f"rotary positions need an even head size, not {head_dim}")
         frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * frequency  # (P, Dh/2)
-        # (P, 3, Dh/2) for the slots q, k, v: values are not rotated (angle 0)
-        cos = torch.stack([angles.cos(), angles.cos(), torch.ones_like(angles)], dim=1)
-        sin = torch.stack([angles.sin(), angles.sin(), torch.zeros_like(angles)], dim=1)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, qkv: Tensor, offset: int = 0) -> Tensor:
         """qkv (B, L, 3, H, Dh) at positions offset..offset+L-1 -> queries and keys rotated, same shape."""
         positions = slice(offset, offset + qkv.size(1))
-        cos, sin = self.cos[positions, :, None].to(qkv.dtype), self.sin[positions, :, None].to(qkv.dtype)
+        # (L, 1, 1, Dh/2): the same angles for queries and keys and for every head
+        cos, sin = (table[positions, None, None].to(qkv.dtype) for table in (self.cos, self.sin))
         return _Rotation.apply(qkv, cos, sin)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Pairs (x[..., i], x[..., i + Dh/2]) rotated by the angles of cos/sin (broadcast to x[..., :Dh/2])."""
+    """x (B, L, 3, H, Dh): in the q and k slots, pairs (x[..., i], x[..., i + Dh/2]) rotated by the angles
+    of cos/sin (broadcast to x[:, :, :2, :, :Dh/2]); the v slot copied unchanged (rotating it by angle 0
+    cost a third of the work)."""
     half = x.size(-1) // 2
-    first, second = x[..., :half], x[..., half:]
     out = torch.empty_like(x)
-    out_first, out_second = out[..., :half], out[..., half:]
-    torch.mul(first, cos, out=out_first).addcmul_(second, sin, value=-1)
-    torch.mul(first, sin, out=out_second).addcmul_(second, cos)
+    out[:, :, 2] = x[:, :, 2]
+    qk, out_qk = x[:, :, :2], out[:, :, :2]
+    first, second = qk[..., :half], qk[..., half:]
+    torch.mul(first, cos, out=out_qk[..., :half]).addcmul_(second, sin, value=-1)
+    torch.mul(first, sin, out=out_qk[..., half:]).addcmul_(second, cos)
     return out
 
 

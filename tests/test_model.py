@@ -160,9 +160,10 @@ def test_rotary_backward_is_the_gradient_of_the_rotation():
     qkv = torch.randn(2, 5, 3, 2, 6, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: rotary(x, offset=4), (qkv,))
     # and the same as autograd through the plain formula
-    half, cos, sin = 3, rotary.cos[4:9, :, None], rotary.sin[4:9, :, None]
-    first, second = qkv[..., :half], qkv[..., half:]
-    plain = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    half, cos, sin = 3, rotary.cos[4:9, None, None], rotary.sin[4:9, None, None]
+    qk, v = qkv[:, :, :2], qkv[:, :, 2:]
+    first, second = qk[..., :half], qk[..., half:]
+    plain = torch.cat([torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1), v], dim=2)
     grad = torch.randn_like(plain)
     expected = torch.autograd.grad(plain, qkv, grad)[0]
     assert torch.allclose(rotary(qkv, 4), plain)
