@@ -40,8 +40,10 @@ class World:
 def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
     """Join the process group torchrun describes in the environment; pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if size == 1 and "RANK" not in os.environ:  # not started by torchrun
         return World(), pick_device(device_name)
+    # a 1-process torchrun joins a process group too (so the backend is exercised), but with one
+    # rank nothing is wrapped in DDP and no collective runs (World.distributed is False)
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -55,7 +57,7 @@ def init_world(device_name: str = "auto") -> tuple[World, torch.device]:
 
 
 def shutdown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
