@@ -25,7 +25,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         (no_decay if param.dim() < 2 or "embed" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel: one pass over each parameter instead of a dozen elementwise ops; on 2 CPU
-    # cores it takes a third of the time, ~8 % of a Multi30k update
+    # cores 7-9 ms instead of 24-47 ms for the Multi30k preset's 7.8 M parameters (~2 % of an update)
     fused = {p.device.type for p in model.parameters()} <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=1e-8, fused=fused or None)
 
