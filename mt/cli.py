@@ -209,6 +209,15 @@ def average(
     log.info("averaged %s into %s", ", ".join(Path(p).name for p in averaged.averaged or []), output)
 
 
+# decoding options `mt translate` and `mt eval` share
+SHORTLIST_OPTION = typer.Option(
+    None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
+)
+BEAM_STOP_OPTION = typer.Option(
+    None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
+)
+
+
 @app.command()
 def translate(
     run_dirs: list[Path] = typer.Argument(..., help="Model directory written by `mt train`; several: an ensemble."),
@@ -241,12 +250,8 @@ def translate(
     pivot_model: Path | None = typer.Option(
         None, help="With --pivot: the model of the second pass (default: the same model)."
     ),
-    shortlist: bool | None = typer.Option(
-        None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
-    ),
-    beam_stop: str | None = typer.Option(
-        None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
-    ),
+    shortlist: bool | None = SHORTLIST_OPTION,
+    beam_stop: str | None = BEAM_STOP_OPTION,
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -271,19 +276,11 @@ def translate(
     translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
     second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
     check_languages(translator, second, src_lang, tgt_lang, pivot)
+    # the search settings both passes of a pivot share; the output-only ones go to the last pass
+    search = {"beam": beam, "length_penalty": length_penalty, "shortlist": shortlist, "beam_stop": beam_stop}
+    sample = {"sampling": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     options = second.options(
-        beam=beam,
-        length_penalty=length_penalty,
-        nbest=nbest,
-        no_repeat_ngram=no_repeat_ngram,
-        **(
-            {"sampling": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-            if sampling
-            else {}
-        ),
-        tgt_lang=tgt_lang,
-        shortlist=shortlist,
-        beam_stop=beam_stop,
+        **search, nbest=nbest, no_repeat_ngram=no_repeat_ngram, **(sample if sampling else {}), tgt_lang=tgt_lang
     )
     chunks = read_chunks(sys.stdin)
     if tsv:
@@ -297,9 +294,7 @@ def translate(
     into_file = not sys.stdin.isatty() and not sys.stdout.isatty()
     bar = progress_bar(desc="translating", unit=" lines", **({} if into_file else {"disable": True}))
     if pivot is not None:
-        first = translator.options(
-            beam=beam, length_penalty=length_penalty, tgt_lang=pivot, shortlist=shortlist, beam_stop=beam_stop
-        )
+        first = translator.options(**search, tgt_lang=pivot)
         results = pivot_chunks(translator, second, chunks, first, options)
     else:
         results = translator.translate_chunks(chunks, options, layer)
@@ -566,12 +561,8 @@ def evaluate(
     src_lang: str | None = typer.Option(None, help="Language of --src (a warning when the model never learnt it)."),
     tgt_lang: str | None = typer.Option(None, help="Output language of a multilingual model (required if several)."),
     pivot: str | None = typer.Option(None, help="Translate into this language first, then on into --tgt-lang."),
-    shortlist: bool | None = typer.Option(
-        None, "--shortlist/--no-shortlist", help="Output layer over the run's lexical shortlist (default: config)."
-    ),
-    beam_stop: str | None = typer.Option(
-        None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
-    ),
+    shortlist: bool | None = SHORTLIST_OPTION,
+    beam_stop: str | None = BEAM_STOP_OPTION,
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
