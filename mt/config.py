@@ -125,6 +125,9 @@ class DecodeConfig:
     # The presets choose heuristic (1.23-1.28x exact's speed, 997-998 of 1,000 outputs the same:
     # README); the default stays exact, so run directories of earlier versions translate as before
     beam_stop: Literal["exact", "heuristic", "k_finished"] = "exact"
+    # batches decoded at once on the CPU, each on its share of the threads (0: one per thread;
+    # CTranslate2's inter_threads): small matrix products scale poorly across threads
+    workers: int = 0
 
 
 @dataclass(frozen=True)

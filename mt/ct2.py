@@ -18,6 +18,7 @@ import torch
 
 from mt.config import Config, load_config
 from mt.decoding import DecodeOptions, load_model
+from mt.device import cpu_workers
 from mt.errors import CheckpointError, MTError
 from mt.files import atomic_write_text
 from mt.model import Transformer
@@ -166,9 +167,9 @@ class CTranslate2Engine:
             raise CheckpointError(f"{model_dir}: not a CTranslate2 export of mt (see `mt export`)")
         ct2_device = "cuda" if device in ("auto", "cuda") and ctranslate2.get_cuda_device_count() > 0 else "cpu"
         self.device = torch.device(ct2_device)
-        self.translator = ctranslate2.Translator(
-            str(model_dir), device=ct2_device, inter_threads=1, intra_threads=threads or torch.get_num_threads()
-        )
+        self.model_dir, self.threads = str(model_dir), threads or torch.get_num_threads()
+        self._translators: dict[int, object] = {}  # by decode.workers (CTranslate2's inter_threads)
+        self.translator(DecodeOptions.from_config(config.decode))  # a broken export fails here, not mid-way
         self.max_positions = config.model.max_positions
         self.max_source = self.max_positions - 1
         self.has_vmap = (Path(model_dir) / "vmap.txt").is_file()
@@ -176,6 +177,19 @@ class CTranslate2Engine:
         self.vocab_size = tokenizer.tgt_vocab_size
         self.tgt_pieces = [tokenizer.tgt.id_to_piece(i) for i in range(tokenizer.tgt_vocab_size)]
         self.piece_id = tokenizer.tgt.piece_to_id
+
+    def translator(self, options: DecodeOptions):
+        """CTranslate2's translator running `options.workers` batches at once, each on its share of the
+        threads (on 2 CPU cores two 1-thread batches decode 1.2-1.6x faster than one 2-thread batch)."""
+        workers = min(cpu_workers(options.workers, self.device), self.threads)
+        if workers not in self._translators:
+            self._translators[workers] = _ctranslate2().Translator(
+                self.model_dir,
+                device=self.device.type,
+                inter_threads=workers,
+                intra_threads=max(1, self.threads // workers),
+            )
+        return self._translators[workers]
 
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
@@ -188,14 +202,15 @@ class CTranslate2Engine:
         if options.shortlist and not self.has_vmap:
             raise MTError("decode.shortlist: this export has no vocabulary map (export a run that has a shortlist)")
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
-        # sentences sharing a limit go together: a sorted batch has few limits
+        # sentences sharing a limit go together, and every group is queued at once so that the
+        # translator's workers (inter_threads) decode them side by side
         lengths = torch.tensor([len(ids) for ids in sources])
         forced = torch.tensor([len(p) for p in prefixes]) if prefixes else None
         limits = length_limits(lengths, forced, options, self.max_positions).tolist()
-        found: list[list[Hypothesis]] = [[] for _ in sources]
+        translator, queued = self.translator(options), []
         for limit in sorted(set(limits)):
             group = [i for i, value in enumerate(limits) if value == limit]
-            results = self.translator.translate_batch(
+            results = translator.translate_batch(
                 [[self.src_pieces[i] for i in sources[index]] for index in group],
                 target_prefix=[[self.tgt_pieces[i] for i in prefixes[index]] for index in group] if prefixes else None,
                 length_penalty=options.length_penalty,
@@ -207,8 +222,13 @@ class CTranslate2Engine:
                 use_vmap=options.shortlist,
                 beam_size=options.beam,
                 num_hypotheses=options.nbest,
+                asynchronous=True,
             )
-            for index, r in zip(group, results):
+            queued.append((group, results))
+        found: list[list[Hypothesis]] = [[] for _ in sources]
+        for group, results in queued:
+            for index, pending in zip(group, results):
+                r = pending.result()
                 found[index] = [
                     self._hypothesis(tokens, score, options) for tokens, score in zip(r.hypotheses, r.scores)
                 ]
@@ -234,7 +254,7 @@ class CTranslate2Engine:
 
     def score(self, sources: list[list[int]], targets: list[list[int]], options: DecodeOptions) -> list[list[float]]:
         """Teacher-forced log-probability of each target piece and of the closing EOS, per pair."""
-        results = self.translator.score_batch(
+        results = self.translator(options).score_batch(
             [[self.src_pieces[i] for i in ids] for ids in sources],
             [[self.tgt_pieces[i] for i in ids] for ids in targets],
             max_batch_size=options.rows_per_batch,

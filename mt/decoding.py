@@ -16,7 +16,7 @@ import torch
 
 from mt.batching import make_batches, pad
 from mt.config import Config, DecodeConfig, load_config
-from mt.device import autocast, pick_device
+from mt.device import autocast, cpu_workers, map_in_workers, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
@@ -53,6 +53,7 @@ class DecodeOptions:
     tgt_lang: str | None = None
     shortlist: bool = False  # the output layer over the run's lexical shortlist only (mt.shortlist)
     beam_stop: str = "exact"  # when a beam-search sentence stops: exact | heuristic | k_finished (mt.search)
+    workers: int = 0  # CPU batches decoded at once, each on its share of the threads (0: one per thread)
 
     @classmethod
     def from_config(cls, config: DecodeConfig, **changes) -> DecodeOptions:
@@ -64,6 +65,8 @@ class DecodeOptions:
             raise MTError("the beam size must be at least 1")
         if options.beam_stop not in STOPPING_RULES:
             raise MTError(f"beam stop {options.beam_stop!r}: choose one of {', '.join(STOPPING_RULES)}")
+        if options.workers < 0:
+            raise MTError(f"decode.workers {options.workers}: must be >= 0 (0: one per CPU thread)")
         if options.no_repeat_ngram < 0:
             raise MTError(f"no_repeat_ngram {options.no_repeat_ngram}: must be >= 0 (0 allows repeats)")
         if options.sampling:
@@ -121,17 +124,24 @@ class TorchEngine:
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
     ) -> list[list[Hypothesis]]:
         lengths = [len(s) + 1 for s in sources]
-        results: list[list[Hypothesis]] = [[] for _ in sources]
         generator = torch.Generator(self.device).manual_seed(options.seed) if options.sampling else None
         if options.shortlist and self.shortlist is None:
             raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
-        for batch in make_batches(lengths, lengths, options.rows_per_batch):
+
+        def decode_batch(batch: list[int]) -> list[list[Hypothesis]]:
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             forced = [prefixes[i] for i in batch] if prefixes else None
             models = self.models.restricted(self._candidates(src, forced)) if options.shortlist else self.models
             with autocast(self.device, options.precision):
-                for index, hyps in zip(batch, search(models, src, options, forced, generator)):
-                    results[index] = hyps
+                return search(models, src, options, forced, generator)
+
+        batches = list(make_batches(lengths, lengths, options.rows_per_batch))
+        # samples follow the seed only when the batches draw from the generator in order
+        workers = 1 if options.sampling else cpu_workers(options.workers, self.device)
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for batch, found in zip(batches, map_in_workers(decode_batch, batches, workers)):
+            for index, hyps in zip(batch, found):
+                results[index] = hyps
         return results
 
     def _candidates(self, src: torch.Tensor, prefixes: list[list[int]] | None) -> torch.Tensor:

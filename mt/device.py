@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+Item, Result = TypeVar("Item"), TypeVar("Result")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -33,6 +38,39 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     dtype = autocast_dtype(device, precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def cpu_workers(requested: int, device: torch.device) -> int:
+    """How many batches to decode at once: `requested`, or with 0 one per intra-op thread on the CPU."""
+    if device.type != "cpu":
+        return 1
+    return requested if requested > 0 else torch.get_num_threads()
+
+
+def map_in_workers(work: Callable[[Item], Result], items: Iterable[Item], workers: int) -> list[Result]:
+    """`[work(item) for item in items]`, with `workers` threads sharing the CPU's intra-op threads.
+
+    Small matrix products (a few hundred decoder rows) scale poorly across threads: on 2 cores, two
+    batches at once with one thread each decode beam search ~1.25x faster than one batch with two.
+    Torch's operators release the GIL, so Python threads run them side by side. Gradient mode and
+    autocast are per thread: `work` sets up its own.
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [work(item) for item in items]
+    threads = torch.get_num_threads()
+    per_worker = max(1, threads // workers)
+
+    def run(item: Item) -> Result:
+        torch.set_num_threads(per_worker)  # OpenMP's setting is per thread; a new thread starts from the last one set
+        return work(item)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mt-decode") as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _glibc_malloc_trim():

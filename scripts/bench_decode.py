@@ -16,6 +16,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt.data import read_lines  # noqa: E402
+from mt.decoding import DecodeOptions  # noqa: E402
 from mt.evaluate import corpus_scores  # noqa: E402
 from mt.translate import Translator  # noqa: E402
 
@@ -77,6 +79,15 @@ def main() -> None:
         help="also time beam search with this stopping rule (repeatable; the model's own is decode.beam_stop)",
     )
     parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also time greedy and beam search with these decode settings, e.g. workers=1 or "
+        "beam_stop=heuristic,shortlist=true (repeatable); a variant's workers apply to --ctranslate2 too",
+    )
+    parser.add_argument(
         "--ctranslate2",
         type=Path,
         action="append",
@@ -125,6 +136,8 @@ def main() -> None:
         print_row(label, stats, bleu)
     for rule in args.beam_stop:
         compare_stopping(translator, sources, refs, results, args.beam, rule)
+    for changes in args.variant:
+        compare_variant(translator, sources, refs, results, args.beam, changes)
     if args.shortlist:
         compare_shortlist(translator, sources, refs, results, args.beam)
     if translator.device.type == "cuda":
@@ -164,6 +177,37 @@ def compare_stopping(translator: Translator, sources, refs, results, beam: int, 
     print_against(
         f"beam{beam} {rule}", stats, texts, results[(f"beam{beam}", True)], refs, translator.config.decode.beam_stop
     )
+
+
+def parse_variant(text: str) -> dict:
+    """`beam_stop=heuristic,shortlist=true` -> {"beam_stop": "heuristic", "shortlist": True}."""
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: write KEY=VALUE")
+        if key not in {f.name for f in fields(DecodeOptions)}:
+            raise argparse.ArgumentTypeError(f"{key!r}: not a decode setting")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            changes[key] = lowered == "true"
+        else:
+            try:
+                changes[key] = int(value)
+            except ValueError:
+                try:
+                    changes[key] = float(value)
+                except ValueError:
+                    changes[key] = value
+    return changes
+
+
+def compare_variant(translator: Translator, sources, refs, results, beam: int, changes: dict) -> None:
+    """Greedy and beam search with these decode settings against the model's own."""
+    name = ",".join(f"{key}={value}" for key, value in changes.items())
+    for search, size in (("greedy", 1), (f"beam{beam}", beam)):
+        stats, texts = measure(translator, sources, size, True, **changes)
+        print_against(f"{search} {name}", stats, texts, results[(search, True)], refs, "model's decode settings")
 
 
 def print_against(label: str, stats: dict, texts: list[str], base: tuple[dict, list[str]], refs, against: str) -> None:
@@ -210,11 +254,13 @@ def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_toke
     quantization = json.loads(RunDir(export_dir).export_info.read_text())["quantization"]
     measure(engine, sources[:16], 1, True)
     vmaps = [False, True] if args.shortlist and (export_dir / "vmap.txt").is_file() else [False]
-    for vmap in vmaps:
-        for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
-            stats, texts = measure(engine, sources, beam, True, shortlist=vmap)
-            label = f"{name} ct2 {quantization}{' vmap' if vmap else ''}"
-            print_against(label, stats, texts, results[(name, True)], refs, "mt cached")
+    for workers in [None, *(v["workers"] for v in args.variant if "workers" in v)]:  # None: the export's own
+        for vmap in vmaps:
+            for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
+                stats, texts = measure(engine, sources, beam, True, shortlist=vmap, workers=workers)
+                label = f"{name} ct2 {quantization}{' vmap' if vmap else ''}"
+                label += "" if workers is None else f" workers {workers}"
+                print_against(label, stats, texts, results[(name, True)], refs, "mt cached")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,8 @@ def test_ctranslate2_float32_greedy_equals_ours_token_for_token(trained, tmp_pat
     # both engines behind the one decoding path: same hypotheses, scores and log-probabilities
     engines = [Translator(path, device="cpu") for path in (trained / "run", tmp_path / "f32")]
     sources = engines[0].tokenizer.encode_src(source.splitlines()[:20])
-    for penalty in (0.0, 1.0):
-        options = engines[0].options(beam=1, length_penalty=penalty)
+    for penalty, workers in ((0.0, 1), (1.0, 1), (1.0, 2)):  # CTranslate2's inter_threads: same outputs
+        options = engines[0].options(beam=1, length_penalty=penalty, workers=workers)
         ours, theirs = (engine.translate_ids(sources, options) for engine in engines)
         for a, b in zip(ours, theirs):
             assert a[0].tokens == b[0].tokens

@@ -247,3 +247,57 @@ def test_every_caller_truncates_an_overlong_source_to_the_model_positions(caplog
     hyps = decode(translator.engine, [long, short], translator.options(beam=2))
     assert [h[0].tokens for h in hyps][0] == hyps[1][0].tokens
     assert f"input line of {limit + 20} pieces truncated to {limit}" in caplog.text
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_batches_decoded_side_by_side_find_what_one_at_a_time_finds(monkeypatch, beam):
+    import threading
+
+    import mt.decoding
+    from mt.decoding import TorchEngine, decode
+
+    threads_used = set()
+    original = mt.decoding.search
+
+    def recorded(*args, **kwargs):
+        threads_used.add((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mt.decoding, "search", recorded)
+    engine, sources = TorchEngine(_random_model("rope"), torch.device("cpu")), _sources() * 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        found = {}
+        for workers in (1, 2):
+            threads_used.clear()
+            options = DecodeOptions(beam=beam, nbest=beam, max_tokens=40 * beam, workers=workers)
+            found[workers] = decode(engine, sources, options)
+            assert torch.get_num_threads() == 2  # the caller's threads are given back
+            if workers == 2:  # several batches ran in two threads with one intra-op thread each
+                assert {count for _, count in threads_used} == {1} and len(threads_used) == 2
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(found[1], found[2]):
+        assert [h.tokens for h in one] == [h.tokens for h in two]
+        assert [h.score for h in one] == pytest.approx([h.score for h in two], abs=1e-5)
+
+
+def test_workers_keep_order_pass_errors_on_and_give_the_threads_back():
+    from mt.config import DecodeConfig
+    from mt.device import cpu_workers, map_in_workers
+    from mt.errors import MTError
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert map_in_workers(lambda x: x * x, range(7), 2) == [0, 1, 4, 9, 16, 25, 36]
+        with pytest.raises(ZeroDivisionError):
+            map_in_workers(lambda x: 1 // x, [3, 0, 2], 2)
+        assert torch.get_num_threads() == 2
+        assert cpu_workers(0, torch.device("cpu")) == 2 and cpu_workers(3, torch.device("cpu")) == 3
+        assert cpu_workers(0, torch.device("cuda")) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(MTError, match="decode.workers -1: must be >= 0"):
+        DecodeOptions.from_config(DecodeConfig(workers=-1))
