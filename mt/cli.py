@@ -216,6 +216,10 @@ SHORTLIST_OPTION = typer.Option(
 BEAM_STOP_OPTION = typer.Option(
     None, help="When a sentence's beam stops: exact, heuristic or k_finished (default: decode.beam_stop)."
 )
+WORKERS_OPTION = typer.Option(
+    None,
+    help="CPU batches decoded at once, each on its share of the threads (default: decode.workers; 0: one per thread).",
+)
 
 
 @app.command()
@@ -252,6 +256,7 @@ def translate(
     ),
     shortlist: bool | None = SHORTLIST_OPTION,
     beam_stop: str | None = BEAM_STOP_OPTION,
+    workers: int | None = WORKERS_OPTION,
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -277,7 +282,7 @@ def translate(
     second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
     check_languages(translator, second, src_lang, tgt_lang, pivot)
     # the search settings both passes of a pivot share; the output-only ones go to the last pass
-    search = {"beam": beam, "length_penalty": length_penalty, "shortlist": shortlist, "beam_stop": beam_stop}
+    search = dict(beam=beam, length_penalty=length_penalty, shortlist=shortlist, beam_stop=beam_stop, workers=workers)
     sample = {"sampling": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     options = second.options(
         **search, nbest=nbest, no_repeat_ngram=no_repeat_ngram, **(sample if sampling else {}), tgt_lang=tgt_lang
@@ -563,6 +568,7 @@ def evaluate(
     pivot: str | None = typer.Option(None, help="Translate into this language first, then on into --tgt-lang."),
     shortlist: bool | None = SHORTLIST_OPTION,
     beam_stop: str | None = BEAM_STOP_OPTION,
+    workers: int | None = WORKERS_OPTION,
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
@@ -589,7 +595,7 @@ def evaluate(
         hyps = translate_file(
             translator,
             src,
-            translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist, beam_stop=beam_stop),
+            translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist, beam_stop=beam_stop, workers=workers),
             pivot,
         )
         if output is not None:

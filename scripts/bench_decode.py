@@ -254,7 +254,8 @@ def compare_ctranslate2(export_dir: Path, args, sources, refs, results, max_toke
     quantization = json.loads(RunDir(export_dir).export_info.read_text())["quantization"]
     measure(engine, sources[:16], 1, True)
     vmaps = [False, True] if args.shortlist and (export_dir / "vmap.txt").is_file() else [False]
-    for workers in [None, *(v["workers"] for v in args.variant if "workers" in v)]:  # None: the export's own
+    # None: the export's own decode.workers, then each other count a variant asks for
+    for workers in dict.fromkeys([None, *(v["workers"] for v in args.variant if "workers" in v)]):
         for vmap in vmaps:
             for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):
                 stats, texts = measure(engine, sources, beam, True, shortlist=vmap, workers=workers)

@@ -203,6 +203,11 @@ ERROR_MATRIX = [
         "2 hypotheses but 1 references",
     ),
     ("unknown corpus", lambda t, p: (["data", "fetch", "wmt99"], None), "unknown corpus 'wmt99'"),
+    (
+        "negative decoding workers",
+        lambda t, p: (["translate", str(t / "run"), "--workers", "-1"], "hallo\n"),
+        "decode.workers -1: must be >= 0",
+    ),
 ]
 
 
