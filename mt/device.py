@@ -66,10 +66,12 @@ def map_in_workers(work: Callable[[Item], Result], items: Iterable[Item], worker
         torch.set_num_threads(per_worker)  # OpenMP's setting is per thread; a new thread starts from the last one set
         return work(item)
 
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mt-decode")
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mt-decode") as pool:
-            return list(pool.map(run, items))
+        return list(pool.map(run, items))
     finally:
+        # after an error or Ctrl-C, batches not yet started are dropped instead of decoded
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -292,8 +293,18 @@ def test_workers_keep_order_pass_errors_on_and_give_the_threads_back():
     torch.set_num_threads(2)
     try:
         assert map_in_workers(lambda x: x * x, range(7), 2) == [0, 1, 4, 9, 16, 25, 36]
+        started = []
+
+        def fails_first(x):
+            started.append(x)
+            if x == 0:
+                raise ZeroDivisionError
+            time.sleep(0.05)
+            return x
+
         with pytest.raises(ZeroDivisionError):
-            map_in_workers(lambda x: 1 // x, [3, 0, 2], 2)
+            map_in_workers(fails_first, range(20), 2)
+        assert len(started) < 20  # the batches still queued after the error are not run
         assert torch.get_num_threads() == 2
         assert cpu_workers(0, torch.device("cpu")) == 2 and cpu_workers(3, torch.device("cpu")) == 3
         assert cpu_workers(0, torch.device("cuda")) == 1
