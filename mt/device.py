@@ -51,7 +51,7 @@ def map_in_workers(work: Callable[[Item], Result], items: Iterable[Item], worker
     """`[work(item) for item in items]`, with `workers` threads sharing the CPU's intra-op threads.
 
     Small matrix products (a few hundred decoder rows) scale poorly across threads: on 2 cores, two
-    batches at once with one thread each decode beam search ~1.25x faster than one batch with two.
+    batches at once with one thread each decode beam search 1.2-1.4x faster than one batch with two.
     Torch's operators release the GIL, so Python threads run them side by side. Gradient mode and
     autocast are per thread: `work` sets up its own.
     """

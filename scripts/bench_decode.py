@@ -2,11 +2,13 @@
 """Decoding speed of a trained model: greedy and beam search, cached and uncached.
 
     python scripts/bench_decode.py RUN_DIR SRC_FILE [--ref REF_FILE] [--beam 5] [--device auto]
+        [--variant workers=1 --variant beam_stop=heuristic,shortlist=true] [--ctranslate2 EXPORT_DIR]
 
 Prints, per mode, sentences/s and target pieces/s (decoding time with the model loaded:
 search plus detokenization), the peak resident memory so far, BLEU when --ref is given, and
 the speed-up of the cached decoder over the uncached reference path. Cached modes run first,
-so their peak-memory figures are not inflated by the uncached ones.
+so their peak-memory figures are not inflated by the uncached ones. Each --variant (decode
+settings) and --ctranslate2 export is timed in the same run against the model's own settings.
 """
 
 from __future__ import annotations
