@@ -32,7 +32,17 @@ class Rotary(nn.Module):
         positions = slice(offset, offset + qkv.size(1))
         # (L, 1, 1, Dh/2): the same angles for queries and keys and for every head
         cos, sin = (table[positions, None, None].to(qkv.dtype) for table in (self.cos, self.sin))
+        if torch.compiler.is_compiling():  # torch.compile fuses the plain arithmetic (and cannot trace
+            return _rotated(qkv, cos, sin)  # _Rotation's writes into views of a new tensor)
         return _Rotation.apply(qkv, cos, sin)
+
+
+def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`_rotate` in plain arithmetic, without writes into views."""
+    half = x.size(-1) // 2
+    first, second = x[:, :, :2, :, :half], x[:, :, :2, :, half:]
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return torch.cat([rotated, x[:, :, 2:]], dim=2)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -101,5 +111,7 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or not x.is_floating_point():
+            return super().forward(x)
+        if torch.compiler.is_compiling():  # the compiler fuses its own dropout; an int16 view defeats its tracing
             return super().forward(x)
         return _ByteMaskDropout.apply(x, self.p)

@@ -14,7 +14,7 @@ from mt.model import (
     padding_mask,
     sinusoidal_positions,
 )
-from mt.ops import Dropout, Rotary
+from mt.ops import Dropout, Rotary, _rotated
 from mt.vocab import BOS, EOS, PAD
 
 
@@ -168,6 +168,7 @@ def test_rotary_backward_is_the_gradient_of_the_rotation():
     expected = torch.autograd.grad(plain, qkv, grad)[0]
     assert torch.allclose(rotary(qkv, 4), plain)
     assert torch.allclose(torch.autograd.grad(rotary(qkv, 4), qkv, grad)[0], expected)
+    assert torch.allclose(_rotated(qkv, cos, sin), plain)  # the form torch.compile traces
 
 
 @pytest.mark.parametrize("norm, position", [("pre", "sinusoidal"), ("post", "sinusoidal"), ("pre", "rope")])
