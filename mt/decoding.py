@@ -138,6 +138,8 @@ class TorchEngine:
         batches = list(make_batches(lengths, lengths, options.rows_per_batch))
         # samples follow the seed only when the batches draw from the generator in order
         workers = 1 if options.sampling else cpu_workers(options.workers, self.device)
+        if workers > 1:  # the longest first, so that no long batch is left to run alone at the end
+            batches.sort(key=lambda batch: -max(lengths[i] for i in batch))
         results: list[list[Hypothesis]] = [[] for _ in sources]
         for batch, found in zip(batches, map_in_workers(decode_batch, batches, workers)):
             for index, hyps in zip(batch, found):
