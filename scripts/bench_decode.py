@@ -136,8 +136,8 @@ def main() -> None:
         results[(name, cached)] = (stats, texts)
         bleu = f"{corpus_scores(texts, refs)['bleu']:.2f}" if refs else "-"
         print_row(label, stats, bleu)
-    for rule in args.beam_stop:
-        compare_stopping(translator, sources, refs, results, args.beam, rule)
+    for rule in args.beam_stop:  # greedy search has no stopping rule: beam search only
+        compare_variant(translator, sources, refs, results, args.beam, {"beam_stop": rule}, greedy=False)
     for changes in args.variant:
         compare_variant(translator, sources, refs, results, args.beam, changes)
     if args.shortlist:
@@ -173,14 +173,6 @@ def profile(translator: Translator, sources, beam: int, shortlist: bool) -> None
     print(profiler.key_averages().table(sort_by=sort, row_limit=25))
 
 
-def compare_stopping(translator: Translator, sources, refs, results, beam: int, rule: str) -> None:
-    """Beam search with another stopping rule (decode.beam_stop): speed and BLEU against the model's own."""
-    stats, texts = measure(translator, sources, beam, True, beam_stop=rule)
-    print_against(
-        f"beam{beam} {rule}", stats, texts, results[(f"beam{beam}", True)], refs, translator.config.decode.beam_stop
-    )
-
-
 def parse_variant(text: str) -> dict:
     """`beam_stop=heuristic,shortlist=true` -> {"beam_stop": "heuristic", "shortlist": True}."""
     changes = {}
@@ -204,10 +196,12 @@ def parse_variant(text: str) -> dict:
     return changes
 
 
-def compare_variant(translator: Translator, sources, refs, results, beam: int, changes: dict) -> None:
-    """Greedy and beam search with these decode settings against the model's own."""
+def compare_variant(
+    translator: Translator, sources, refs, results, beam: int, changes: dict, greedy: bool = True
+) -> None:
+    """Greedy (unless not `greedy`) and beam search with these decode settings against the model's own."""
     name = ",".join(f"{key}={value}" for key, value in changes.items())
-    for search, size in (("greedy", 1), (f"beam{beam}", beam)):
+    for search, size in ([("greedy", 1)] if greedy else []) + [(f"beam{beam}", beam)]:
         stats, texts = measure(translator, sources, size, True, **changes)
         print_against(f"{search} {name}", stats, texts, results[(search, True)], refs, "model's decode settings")
 
