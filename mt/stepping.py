@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from mt.model import DecoderState, Transformer
+from mt.model import DecoderState, Transformer, projection_columns
 from mt.vocab import BOS, PAD
 
 
@@ -42,7 +42,8 @@ class NextPieces:
         the shortlist's candidates only, when there is one)."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
-            log_probs = torch.log_softmax((hidden[rows] @ output_weight).float(), dim=-1)
+            logits = (hidden[rows] @ output_weight)[:, : self.width]  # without the padding columns
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
             if len(self.hidden) > 1:
                 log_probs.mul_(weight)
             total = log_probs if total is None else total.add_(log_probs)
@@ -85,7 +86,10 @@ class Models:
         """src (B, S) -> each member's decoder state (its encoder output, keys/values of the source)."""
         states = [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
         if self.candidates is not None:  # the output projection's columns of the shortlist, once per batch
-            states = [replace(s, output_weight=s.output_weight[:, self.candidates].contiguous()) for s in states]
+            states = [
+                replace(s, output_weight=projection_columns(m.output_weight, self.candidates))
+                for m, s in zip(self.members, states)
+            ]
         return states
 
     def step(self, prefix: Tensor, states: list[DecoderState]) -> tuple[NextPieces, list[DecoderState]]:

@@ -210,7 +210,7 @@ def test_cached_step_equals_full_decoder(position):
     state = model.start_decoding(memory, mask, use_cache=True)
     for t in range(tgt.size(1)):
         hidden, state = model.step(tgt[:, : t + 1], state)
-        assert torch.allclose(hidden @ state.output_weight, full[:, t], atol=1e-5)
+        assert torch.allclose((hidden @ state.output_weight)[:, : full.size(-1)], full[:, t], atol=1e-5)
 
 
 def test_training_step_reduces_loss():
@@ -228,3 +228,15 @@ def test_training_step_reduces_loss():
         loss.backward()
         optimizer.step()
     assert losses[-1] < losses[0] / 3
+
+
+def test_projection_columns_pad_to_the_alignment_with_zeros():
+    from mt.model import PROJECTION_ALIGNMENT, projection_columns
+
+    weight = torch.randn(37, 8)  # (V, D)
+    padded = projection_columns(weight)
+    assert padded.shape == (8, -(-37 // PROJECTION_ALIGNMENT) * PROJECTION_ALIGNMENT)
+    assert torch.equal(padded[:, :37], weight.t()) and not padded[:, 37:].any()
+    columns = torch.tensor([3, 5, 36])
+    chosen = projection_columns(weight, columns)
+    assert chosen.shape == (8, PROJECTION_ALIGNMENT) and torch.equal(chosen[:, :3], weight[columns].t())
