@@ -172,7 +172,7 @@ class CTranslate2Engine:
         self.translator(DecodeOptions.from_config(config.decode))  # a broken export fails here, not mid-way
         self.max_positions = config.model.max_positions
         self.max_source = self.max_positions - 1
-        self.has_vmap = (Path(model_dir) / "vmap.txt").is_file()
+        self.has_shortlist = (Path(model_dir) / "vmap.txt").is_file()  # as CTranslate2's vmap
         self.src_pieces = [tokenizer.src.id_to_piece(i) for i in range(tokenizer.src_vocab_size)]
         self.vocab_size = tokenizer.tgt_vocab_size
         self.tgt_pieces = [tokenizer.tgt.id_to_piece(i) for i in range(tokenizer.tgt_vocab_size)]
@@ -199,7 +199,7 @@ class CTranslate2Engine:
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
                 "a seed (its issue #1757), so they could not be reproduced"
             )
-        if options.shortlist and not self.has_vmap:
+        if options.shortlist and not self.has_shortlist:
             raise MTError("decode.shortlist: this export has no vocabulary map (export a run that has a shortlist)")
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
         # sentences sharing a limit go together, and every group is queued at once so that the

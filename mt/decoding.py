@@ -91,6 +91,7 @@ class Engine(Protocol):
     device: torch.device
     max_source: int  # source pieces (without EOS) the model reads
     vocab_size: int  # target pieces
+    has_shortlist: bool  # decode.shortlist can be honoured: a lexical shortlist (or vmap) came with the model
 
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
@@ -119,6 +120,10 @@ class TorchEngine:
         self.model = members[0]
         self.max_source = self.models.max_positions - 1
         self.vocab_size = self.model.output_weight.size(0)
+
+    @property
+    def has_shortlist(self) -> bool:
+        return self.shortlist is not None
 
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
@@ -309,4 +314,7 @@ def open_ensemble(
                     "ensemble must share their vocabularies (train them with the same tokenizer)"
                 )
         models.append(load_model(run, config, member, torch_device, checkpoint or config.decode.checkpoint))
-    return TorchEngine(models, torch_device, weights)
+    # the members share the first run's pieces, so its shortlist (built from its corpus) serves them all
+    first = runs[0].shortlist
+    shortlist = Shortlist.load(first, tokenizer.fingerprint()) if first.is_file() else None
+    return TorchEngine(models, torch_device, weights, shortlist)

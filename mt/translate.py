@@ -64,6 +64,7 @@ class Translator:
         else:
             self.engine = open_engine(runs[0], self.config, self.tokenizer, self.checkpoint, device, engine)
         self.name = str(runs[0].path)
+        self._warned_no_shortlist = False
 
     @property
     def target_languages(self) -> list[str]:
@@ -111,8 +112,18 @@ class Translator:
         return self.engine.device
 
     def options(self, **changes) -> DecodeOptions:
-        """The model's decoding defaults (its config's decode section) with `changes` that are not None."""
-        return DecodeOptions.from_config(self.config.decode, **changes)
+        """The model's decoding defaults (its config's decode section) with `changes` that are not None.
+
+        A config's `decode.shortlist: true` gives way to the whole output layer where the model has
+        no shortlist (a run stopped before training ended, an ensemble); `shortlist=True` does not.
+        """
+        options = DecodeOptions.from_config(self.config.decode, **changes)
+        if options.shortlist and changes.get("shortlist") is None and not self.engine.has_shortlist:
+            if not self._warned_no_shortlist:
+                log.warning("%s: no lexical shortlist here; decoding with the whole output layer", self.name)
+                self._warned_no_shortlist = True
+            options = replace(options, shortlist=False)
+        return options
 
     def translate_ids(
         self,

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import run_mt, tiny_model
 
 from mt.config import TokenizerConfig
@@ -111,6 +112,26 @@ def test_asking_for_a_shortlist_a_model_lacks_is_one_line(tmp_path):
     old = Path(__file__).parent / "fixtures" / "run_0.1.0" / "run"  # written before shortlists existed
     result = run_mt("translate", str(old), "--shortlist", stdin="1 2 3\n", check=False)
     assert result.returncode == 2 and "no shortlist" in result.stderr
+
+
+def test_a_config_asking_for_a_shortlist_the_model_lacks_decodes_with_the_whole_output_layer(trained, tmp_path):
+    run = tmp_path / "run"  # as if training had been stopped before it wrote the shortlist
+    shutil.copytree(trained / "run", run, ignore=shutil.ignore_patterns("checkpoints", "shortlist.npz"))
+    stdin = "1 2 3\n4 5 6 7\n"
+    plain = run_mt("translate", str(run), stdin=stdin).stdout
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["decode"]["shortlist"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_mt("translate", str(run), stdin=stdin)
+    assert result.stdout == plain and "no lexical shortlist" in result.stderr
+    assert run_mt("translate", str(run), "--shortlist", stdin=stdin, check=False).returncode == 2  # asked: an error
+
+
+def test_an_ensemble_decodes_over_its_first_runs_shortlist(trained):
+    run = str(trained / "run")
+    stdin = "1 2 3\n4 5 6 7\n"
+    alone = run_mt("translate", run, stdin=stdin).stdout
+    assert run_mt("translate", run, run, "--shortlist", stdin=stdin).stdout == alone
 
 
 def test_a_target_prefix_outside_the_shortlist_is_still_followed():
