@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from mt.model import DecoderState, Transformer, projection_columns
+from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer, projection_columns
 from mt.vocab import BOS, PAD
 
 
@@ -18,7 +18,8 @@ class NextPieces:
     (a whole batch's (R, V) never has to exist at once).
 
     With a shortlist the distribution covers its C candidates only: column c is piece candidates[c],
-    and `column` maps piece ids to columns (-1 for a piece outside the shortlist).
+    and `column` maps piece ids to columns (-1 for a piece outside the shortlist). Columns from
+    `real_width` on are padding (PAD, probability 0).
     """
 
     def __init__(
@@ -30,10 +31,12 @@ class NextPieces:
         candidates: Tensor | None = None,
         columns: Tensor | None = None,
         never: list[int] | None = None,
+        real_width: int | None = None,
     ):
         self.hidden, self.output_weights, self.weights = hidden, output_weights, weights  # per model
-        self.vocab, self.candidates = vocab, candidates  # V, and the shortlist's (C,) sorted ids or None
+        self.vocab, self.candidates = vocab, candidates  # V, and the shortlist's (C,) ids or None
         self.width = vocab if candidates is None else len(candidates)  # columns of `log_probs`
+        self.real_width = self.width if real_width is None else real_width  # columns past it: padding
         self.columns = columns  # (V,) each piece's column, -1 outside the shortlist; None without one
         self.never = never or []  # a shortlist's columns of PAD and BOS, if it holds them: never chosen
 
@@ -42,7 +45,11 @@ class NextPieces:
         the shortlist's candidates only, when there is one)."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
-            logits = (hidden[rows] @ output_weight)[:, : self.width]  # without the padding columns
+            logits = hidden[rows] @ output_weight
+            if self.candidates is None:
+                logits = logits[:, : self.width]  # the whole vocabulary, without the weight's padding
+            elif self.real_width < self.width:
+                logits[:, self.real_width :] = -torch.inf  # padding columns: outside the softmax
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             if len(self.hidden) > 1:
                 log_probs.mul_(weight)
@@ -72,11 +79,18 @@ class Models:
         self.max_positions = min(m.max_positions for m in models)
         self.vocab = models[0].output_weight.size(0)
         self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
-        self.columns, self.never = None, None
+        self.columns, self.never, self.real_width = None, None, None
         if candidates is not None:
             self.columns = torch.full((self.vocab,), -1, dtype=torch.long, device=candidates.device)
             self.columns[candidates] = torch.arange(len(candidates), device=candidates.device)
             self.never = [column for column in self.columns[[PAD, BOS]].tolist() if column >= 0]
+            # PAD columns up to a multiple of PROJECTION_ALIGNMENT, so the projection needs no padding
+            # of its own (and its output no slicing, which costs log-softmax a copy); they are ruled
+            # out before the softmax
+            self.real_width = len(candidates)
+            self.candidates = torch.cat(
+                [candidates, candidates.new_full((-len(candidates) % PROJECTION_ALIGNMENT,), PAD)]
+            )
 
     def restricted(self, candidates: Tensor | None) -> Models:
         """The same models, their output layer cut to `candidates` (a batch's shortlist) for one search."""
@@ -97,7 +111,9 @@ class Models:
         stepped = [m.step(prefix, state) for m, state in zip(self.members, states)]
         new_states = [state for _, state in stepped]
         hidden, weights = [h for h, _ in stepped], [s.output_weight for s in new_states]
-        found = NextPieces(hidden, weights, self.weights, self.vocab, self.candidates, self.columns, self.never)
+        found = NextPieces(
+            hidden, weights, self.weights, self.vocab, self.candidates, self.columns, self.never, self.real_width
+        )
         return found, new_states
 
 

@@ -12,6 +12,7 @@ from mt.config import TokenizerConfig
 from mt.corpus_cache import prepare_corpus
 from mt.decoding import DecodeOptions, TorchEngine, decode
 from mt.errors import CheckpointError
+from mt.model import PROJECTION_ALIGNMENT
 from mt.shortlist import Shortlist, build_shortlist
 from mt.stepping import Models
 from mt.tokenizer import prepare_tokenizer
@@ -84,9 +85,12 @@ def test_next_pieces_over_candidates_are_the_log_softmax_of_those_logits():
         got = next_pieces.log_probs(slice(0, 1))
         hidden = model.step(torch.tensor([[2]]), model.start_decoding(*model.encode(src)))[0]
         want = torch.log_softmax(model.logits(hidden)[:, candidates], dim=-1)
-    assert got.shape == (1, 4) and torch.allclose(got, want, atol=1e-5)  # column c is piece candidates[c]
+    # column c is piece candidates[c]; the columns padding them to PROJECTION_ALIGNMENT have probability 0
+    assert got.shape == (1, PROJECTION_ALIGNMENT) and torch.allclose(got[:, :4], want, atol=1e-5)
+    assert torch.isneginf(got[:, 4:]).all()
     assert next_pieces.column(torch.tensor([7, 8])).tolist() == [1, -1]
-    assert next_pieces.piece_index(torch.tensor([2, 4 + 3])).tolist() == [11, 40 + 30]  # hypothesis * V + id
+    width = next_pieces.width
+    assert next_pieces.piece_index(torch.tensor([2, width + 3])).tolist() == [11, 40 + 30]  # hypothesis * V + id
 
 
 def test_training_builds_a_shortlist_that_translate_and_export_use(trained, tmp_path):
