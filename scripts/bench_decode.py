@@ -9,6 +9,8 @@ search plus detokenization), the peak resident memory so far, BLEU when --ref is
 the speed-up of the cached decoder over the uncached reference path. Cached modes run first,
 so their peak-memory figures are not inflated by the uncached ones. Each --variant (decode
 settings) and --ctranslate2 export is timed in the same run against the model's own settings.
+With --rounds N every measurement runs N times, one round after another, so that the modes
+interleave and a slow spell of the machine hits them all; a last table gives each mode's median.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from dataclasses import fields
@@ -103,6 +106,9 @@ def main() -> None:
         default=[],
         help="also time RUN_DIR ensembled with this run directory (repeatable: more members)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every measurement this many times, interleaved; then medians"
+    )
     parser.add_argument("--json", type=Path, help="also write every row printed to this file")
     parser.add_argument(
         "--profile",
@@ -110,6 +116,8 @@ def main() -> None:
         help="then profile beam search (torch.profiler): the operators taking most time",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,12 +132,26 @@ def main() -> None:
         f"decode.max_tokens {translator.config.decode.max_tokens}; "
         f"{sum(len(s) for s in sources) / len(sources):.2f} source pieces per sentence"
     )
+    measure(translator, sources[:16], 1, True)  # warm-up: allocator, kernels
+    for round_number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {round_number} of {args.rounds}")
+        measure_round(args, translator, sources, refs)
+    if args.rounds > 1:
+        print_medians(args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps(ROWS, indent=1) + "\n")
+    if args.profile:
+        profile(translator, sources, args.beam, args.shortlist)
+
+
+def measure_round(args, translator: Translator, sources: list[list[int]], refs: list[str] | None) -> None:
+    """Every mode the arguments ask for, once."""
     print(f"{'mode':<22}{'sent/s':>10}{'tok/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'BLEU':>8}")
     results = {}
     modes = [("greedy", 1, True), (f"beam{args.beam}", args.beam, True)]
     if not args.no_uncached:
         modes += [("greedy", 1, False), (f"beam{args.beam}", args.beam, False)]
-    measure(translator, sources[:16], 1, True)  # warm-up: allocator, kernels
     for name, beam, cached in modes:
         label = f"{name} {'cached' if cached else 'uncached'}"
         stats, texts = measure(translator, sources, beam, cached)
@@ -153,10 +175,19 @@ def main() -> None:
         compare_ctranslate2(export_dir, args, sources, refs, results, translator.config.decode.max_tokens)
     if args.ensemble:
         compare_ensemble(args, sources, refs, results, translator.config.decode.max_tokens)
-    if args.json:
-        args.json.write_text(json.dumps(ROWS, indent=1) + "\n")
-    if args.profile:
-        profile(translator, sources, args.beam, args.shortlist)
+
+
+def print_medians(rounds: int) -> None:
+    """Each mode's median sentences/s over the rounds (its range in brackets), and against the first beam mode."""
+    speeds: dict[str, list[float]] = {}
+    for row in ROWS:
+        speeds.setdefault(row["mode"], []).append(row["sent_per_s"])
+    print(f"medians over {rounds} rounds (sent/s, lowest-highest)")
+    base = next(statistics.median(v) for mode, v in speeds.items() if mode.startswith("beam"))
+    for mode, values in speeds.items():
+        median = statistics.median(values)
+        against = f"  {median / base:.2f}x the model's beam" if mode.startswith("beam") else ""
+        print(f"{mode:<40}{median:>8.1f}  ({min(values):.1f}-{max(values):.1f}){against}")
 
 
 def profile(translator: Translator, sources, beam: int, shortlist: bool) -> None:
