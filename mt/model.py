@@ -239,7 +239,8 @@ class DecoderState:
     cross_kv: list[KeyValue]  # per layer
     self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
     output_weight: Tensor  # (D, V'): the output projection, transposed and zero-padded to V' >= V
-    # columns once per batch (see `projection_columns`); logits are (hidden @ output_weight)[:, :V]
+    # columns once per batch (`projection_columns`); logits are (hidden @ output_weight)[:, :V] (a
+    # shortlist's search replaces it by its candidates' columns: mt.stepping)
     self_rows: Tensor | None = None  # row r of the next step continues cached row self_rows[r]
 
     def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:

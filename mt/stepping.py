@@ -78,7 +78,7 @@ class Models:
         self.members, self.weights = models, [w / sum(weights) for w in weights]
         self.max_positions = min(m.max_positions for m in models)
         self.vocab = models[0].output_weight.size(0)
-        self.candidates = candidates  # (C,) sorted target ids a shortlist allows, or None: all
+        self.candidates = candidates  # (C,) sorted target ids a shortlist allows (then PAD padding), or None: all
         self.columns, self.never, self.real_width = None, None, None
         if candidates is not None:
             self.columns = torch.full((self.vocab,), -1, dtype=torch.long, device=candidates.device)

@@ -115,7 +115,8 @@ class Translator:
         """The model's decoding defaults (its config's decode section) with `changes` that are not None.
 
         A config's `decode.shortlist: true` gives way to the whole output layer where the model has
-        no shortlist (a run stopped before training ended, an ensemble); `shortlist=True` does not.
+        no shortlist (a run stopped before training ended, or an ensemble's first run has none);
+        `shortlist=True` does not.
         """
         options = DecodeOptions.from_config(self.config.decode, **changes)
         if options.shortlist and changes.get("shortlist") is None and not self.engine.has_shortlist:
