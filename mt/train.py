@@ -56,6 +56,9 @@ def train(config: Config, resume: bool = False) -> Path:
             if not run.restore():
                 run.initialise()
             run.train()
+            # every rank leaves together: a rank that tears its process group down while rank 0 still
+            # writes the shortlist and model card was seen to abort in gloo (SIGABRT, a failed torchrun)
+            barrier(world)
         finally:
             run.unlock()
         return run.run.path
