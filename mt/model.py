@@ -82,6 +82,20 @@ def _append(cached: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
     return out
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool = False) -> Tensor:
+    """Scaled dot-product attention (B, H, L, Dh) -> (B, H, L, Dh), in fp32 when training on the CPU
+    under bf16/fp16 autocast: there the CPU's half-precision kernel's backward runs ~3.5x slower than
+    fp32's at the presets' shapes, more than the half-precision matrix products save."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
+        with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back down
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout, is_causal=causal
+            )
+        return out.to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection.
 
@@ -121,7 +135,7 @@ class SelfAttention(nn.Module):
             k, v = _append(cache[0], k, cache_rows), _append(cache[1], v, cache_rows)
         dropout = self.dropout if self.training else 0.0
         causal = self.causal and mask is None and cache is None  # a cached step sees all earlier positions
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = _attend(q, k, v, mask, dropout, causal)
         return self.out_proj(_merge_heads(out)), (k, v)
 
 
@@ -153,7 +167,7 @@ class CrossAttention(nn.Module):
         # the K hypotheses of a sentence attend to the same keys: treat them as K*L queries
         q = _split_heads(self.q_proj(x).reshape(sentences, -1, dim), self.heads)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, *memory_kv, attn_mask=mask, dropout_p=dropout)
+        out = _attend(q, *memory_kv, mask, dropout)
         return self.out_proj(_merge_heads(out).reshape(rows, length, dim))
 
 
@@ -239,8 +253,8 @@ class DecoderState:
     cross_kv: list[KeyValue]  # per layer
     self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
     output_weight: Tensor  # (D, V'): the output projection, transposed and zero-padded to V' >= V
-    # columns once per batch (`projection_columns`); logits are (hidden @ output_weight)[:, :V] (a
-    # shortlist's search replaces it by its candidates' columns: mt.stepping)
+    # columns once per batch (`projection_columns`); logits are (hidden @ output_weight)[:, :V] (with a
+    # shortlist only its candidates' columns: mt.stepping)
     self_rows: Tensor | None = None  # row r of the next step continues cached row self_rows[r]
 
     def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:
@@ -343,10 +357,13 @@ class Transformer(nn.Module):
         memory, memory_mask = self.encode(src)
         return self.decode(tgt_in, memory, memory_mask)
 
-    def start_decoding(self, memory: Tensor, memory_mask: Tensor, use_cache: bool = True) -> DecoderState:
+    def start_decoding(
+        self, memory: Tensor, memory_mask: Tensor, use_cache: bool = True, columns: Tensor | None = None
+    ) -> DecoderState:
+        """The state before the first step; `columns` (target ids) cuts the output layer to a shortlist."""
         cross_kv = [layer.cross_attn.memory_keys(memory) for layer in self.decoder] if use_cache else []
         self_kv = [None for _ in self.decoder] if use_cache else None
-        return DecoderState(memory, memory_mask, cross_kv, self_kv, projection_columns(self.output_weight))
+        return DecoderState(memory, memory_mask, cross_kv, self_kv, projection_columns(self.output_weight, columns))
 
     def step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """The decoder's output at the next position: prefix (B*K, t), every token so far (BOS first) -> (B*K, D).

@@ -4,12 +4,10 @@ log-probabilities they give, computed a slice of rows at a time."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
-from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer, projection_columns
+from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer
 from mt.vocab import BOS, PAD
 
 
@@ -98,13 +96,8 @@ class Models:
 
     def start(self, src: Tensor, use_cache: bool) -> list[DecoderState]:
         """src (B, S) -> each member's decoder state (its encoder output, keys/values of the source)."""
-        states = [m.start_decoding(*m.encode(src), use_cache) for m in self.members]
-        if self.candidates is not None:  # the output projection's columns of the shortlist, once per batch
-            states = [
-                replace(s, output_weight=projection_columns(m.output_weight, self.candidates))
-                for m, s in zip(self.members, states)
-            ]
-        return states
+        # a shortlist cuts each member's output projection to its candidates' columns, once per batch
+        return [m.start_decoding(*m.encode(src), use_cache, self.candidates) for m in self.members]
 
     def step(self, prefix: Tensor, states: list[DecoderState]) -> tuple[NextPieces, list[DecoderState]]:
         """prefix (R, t) -> the next-piece distribution of each row, and the members' new states."""
