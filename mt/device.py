@@ -25,10 +25,29 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX). Without them oneDNN
+    emulates bf16 products, no faster than fp32 ones."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's (private) probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def training_precision(device: torch.device, precision: str) -> str:
+    """`train.precision` made concrete: `auto` is bf16 on CUDA devices that support it and on CPUs
+    with bf16 matrix instructions (the Multi30k preset trains 1.3-1.5x faster there than in fp32,
+    with the same loss per update: README), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_multiplies_bf16() else "fp32"
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `precision` (auto | fp32 | bf16 | fp16); None means full fp32.
 
-    `auto` is bf16 on CUDA devices that support it and fp32 elsewhere (CPU training stays fp32).
+    `auto` here is decoding's: bf16 on CUDA devices that support it, fp32 elsewhere (training's
+    `auto` is resolved first, by `training_precision`).
     """
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None

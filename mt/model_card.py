@@ -22,6 +22,7 @@ import yaml
 
 from mt.config import Config, config_to_dict, directions, load_config, target_languages
 from mt.data import MANIFEST, corpus_files, read_lines
+from mt.device import training_precision
 from mt.errors import DataError, MTError
 from mt.evaluate import corpus_scores
 from mt.files import atomic_write_text
@@ -59,6 +60,10 @@ def facts_from_files(run: RunDir) -> CardFacts:
         best = load_weights(run.best)
         facts.parameters, facts.best_step, facts.best_scores = best.parameter_count(), best.step, best.scores
     return facts
+
+
+def _precision(device: torch.device, precision: str) -> str:
+    return f"auto ({training_precision(device, precision)})" if precision == "auto" else precision
 
 
 def hardware(device: torch.device) -> str:
@@ -196,7 +201,7 @@ def write_model_card(run_dir: Path, device: torch.device, facts: CardFacts, test
         f"- {config.model.encoder_layers}+{config.model.decoder_layers} layers, d_model {config.model.d_model}, "
         f"{config.model.heads} heads, FFN {config.model.ffn_dim}, {config.model.norm}-norm; {parameters} parameters",
         f"- {_known(facts.steps)} updates, {_known(facts.epochs)} full epochs, {hours:.2f} h of training",
-        f"- hardware: {hardware(device)}; {facts.world_size} process(es); precision {t.precision}",
+        f"- hardware: {hardware(device)}; {facts.world_size} process(es); precision {_precision(device, t.precision)}",
         f"- best checkpoint ({run.best.name}): update {_known(facts.best_step)}",
         *_init_line(t),
         "",

@@ -203,8 +203,9 @@ class TrainingRun:
         )
         event = "resume" if self.resumed else "start"
         started = {"init_from": t.init_from} if t.init_from and not self.resumed else {}
+        precision = self.trainer.precision  # train.precision with auto resolved
         self.metrics.write(
-            event=event, step=p.step, world_size=world.size, device=str(self.device), precision=t.precision, **started
+            event=event, step=p.step, world_size=world.size, device=str(self.device), precision=precision, **started
         )
         self.start = self.session_start - p.elapsed  # and the training time of earlier sessions of the run
         self.window_start = time.monotonic()  # throughput counts training only, not the preparation

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mt.config import TrainConfig
 from mt.corpus_cache import Batch, EncodedCorpus
-from mt.device import autocast
+from mt.device import autocast, training_precision
 from mt.distributed import World, sum_over_ranks
 from mt.errors import ConfigError
 from mt.loss import TranslationLoss
@@ -85,6 +85,7 @@ class Trainer:
     device: torch.device
     world: World = World()
     scaler: torch.amp.GradScaler | None = None
+    precision: str = "fp32"  # the autocast precision of each update: train.precision, with auto resolved
 
     def update(self, batches: Sequence[Batch], lr: float, votes: Callable[[], list[float]] = list) -> UpdateResult:
         """One update from this rank's micro-batches; `votes()` (e.g. "over the time budget") is
@@ -100,7 +101,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.objective.no_sync()
             with sync:
                 src, tgt_in, tgt_out = (x.to(self.device, non_blocking=True) for x in batch)
-                with autocast(self.device, self.config.precision):
+                with autocast(self.device, self.precision):
                     batch_loss, _ = self.objective(src, tgt_in, tgt_out)
                 (self.scaler.scale(batch_loss) if self.scaler else batch_loss).backward()
             loss_sum += batch_loss.detach()
@@ -157,7 +158,7 @@ def make_trainer(model: Transformer, config: TrainConfig, device: torch.device, 
     if config.compile:
         objective = compile_or_eager(objective)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
-    return Trainer(objective, optimizer, config, device, world, scaler)
+    return Trainer(objective, optimizer, config, device, world, scaler, training_precision(device, config.precision))
 
 
 def compile_or_eager(module: torch.nn.Module) -> torch.nn.Module:

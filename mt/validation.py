@@ -11,7 +11,7 @@ from mt.batching import make_batches
 from mt.config import Config
 from mt.corpus_cache import EncodedCorpus
 from mt.decoding import DecodeOptions, TorchEngine, decode
-from mt.device import autocast
+from mt.device import autocast, training_precision
 from mt.evaluate import corpus_scores
 from mt.loss import TranslationLoss
 from mt.model import Transformer
@@ -20,12 +20,11 @@ from mt.tokenizer import Tokenizer
 from mt.vocab import PAD
 
 
-def validation_options(config: Config) -> DecodeOptions:
-    """The model's decoding defaults, with the validation beam, in the training precision (so BLEU and
-    loss are measured in the same arithmetic)."""
-    t = config.train
-    options = DecodeOptions.from_config(config.decode, beam=t.valid_beam, nbest=1)
-    return replace(options, precision=t.precision, shortlist=False)  # the whole output layer: exact scores
+def validation_options(config: Config, precision: str) -> DecodeOptions:
+    """The model's decoding defaults, with the validation beam, in the training's `precision` (so BLEU
+    and loss are measured in the same arithmetic)."""
+    options = DecodeOptions.from_config(config.decode, beam=config.train.valid_beam, nbest=1)
+    return replace(options, precision=precision, shortlist=False)  # the whole output layer: exact scores
 
 
 @torch.no_grad()
@@ -37,19 +36,20 @@ def validate(
     `corpus` is the validation split as prepared for training (with its reference texts).
     """
     model.eval()
+    precision = training_precision(device, config.train.precision)
     objective = TranslationLoss(model, config.train.label_smoothing)
     loss_sum = nll_sum = tokens = 0.0
     batches = make_batches(corpus.src_lengths, corpus.tgt_lengths, config.train.max_tokens)
     for indices in progress_bar(batches, desc="validation loss", unit="batch", leave=False):
         src, tgt_in, tgt_out = (x.to(device) for x in corpus.batch(indices))
-        with autocast(device, config.train.precision):
+        with autocast(device, precision):
             loss, nll = objective(src, tgt_in, tgt_out)
         loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
         tokens += int((tgt_out != PAD).sum())
     # the first valid_sentences of each direction, decoded together
     chosen = [pairs[: config.train.valid_sentences or len(pairs)] for _, pairs in corpus.parts]
     sources = [corpus.src_sentence(i) for pairs in chosen for i in pairs]
-    hyps = decode(TorchEngine(model, device), sources, validation_options(config))
+    hyps = decode(TorchEngine(model, device), sources, validation_options(config, precision))
     texts, references = tokenizer.decode_tgt([found[0].tokens for found in hyps]), corpus.tgt_texts()
     scores = {"valid_loss": loss_sum / tokens, "valid_ppl": math.exp(min(nll_sum / tokens, 50))}
     each, start = {}, 0

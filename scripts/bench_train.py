@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mt.config import load_config  # noqa: E402
-from mt.device import autocast_dtype, pick_device, release_free_heap  # noqa: E402
+from mt.device import autocast_dtype, cpu_multiplies_bf16, pick_device, release_free_heap  # noqa: E402
 from mt.model import Transformer  # noqa: E402
 from mt.run_dir import RunDir  # noqa: E402
 from mt.train import TrainingRun  # noqa: E402
@@ -146,7 +146,7 @@ def measure(args, run: TrainingRun, device: torch.device) -> dict:
     preparation_rss = peak_rss_mb()
     batches = run.epoch_batches(0)  # shuffled with train.seed itself: the batches earlier versions timed
     updates = [[batches[step % len(batches)]] for step in range(args.warmup + args.steps)]
-    dtype = autocast_dtype(device, t.precision) or torch.float32
+    dtype = autocast_dtype(device, run.trainer.precision) or torch.float32
     peak = matmul_peak_gflops(device, dtype)
     totals = {"src": 0, "tgt": 0, "padded": 0, "flops": 0.0, "sentences": 0}
     profiler = None
@@ -165,7 +165,7 @@ def measure(args, run: TrainingRun, device: torch.device) -> dict:
     precision = str(dtype).removeprefix("torch.")
     print(
         f"config {args.config} {' '.join(args.overrides)}; device {device}, {torch.get_num_threads()} threads, "
-        f"precision {t.precision} ({precision})"
+        f"precision {t.precision} ({precision}{', bf16 matrix instructions' if cpu_multiplies_bf16() else ''})"
     )
     print(f"parameters               {sum(p.numel() for p in model.parameters()):,}")
     print(f"steps timed              {args.steps} ({seconds:.1f} s, {seconds / args.steps * 1000:.0f} ms/step)")

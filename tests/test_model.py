@@ -240,3 +240,28 @@ def test_projection_columns_pad_to_the_alignment_with_zeros():
     columns = torch.tensor([3, 5, 36])
     chosen = projection_columns(weight, columns)
     assert chosen.shape == (8, PROJECTION_ALIGNMENT) and torch.equal(chosen[:, :3], weight[columns].t())
+
+
+def test_training_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
+    import mt.model
+
+    seen = []
+    sdpa = mt.model.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(mt.model.F, "scaled_dot_product_attention", recording)
+    model = tiny_model(position="rope")
+    src, tgt_in = torch.tensor([[5, 6, 7, EOS]] * 2), torch.tensor([[BOS, 7, 6, 5]] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(src, tgt_in)
+    # all three attentions of every layer in fp32, outside autocast (which would cast them back)
+    assert seen == [(torch.float32,) * 3 + (False,)] * 6
+    hidden.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(src, tgt_in)
+    assert seen == [(torch.bfloat16,) * 3 + (True,)] * 6  # inference keeps bf16 attention

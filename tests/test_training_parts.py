@@ -84,7 +84,8 @@ def _sgd_update(groups, clip_norm=0.0):
 
     torch.manual_seed(0)
     model = tiny_model()
-    trainer = make_trainer(model, TrainConfig(label_smoothing=0.1, clip_norm=clip_norm), torch.device("cpu"))
+    config = TrainConfig(label_smoothing=0.1, clip_norm=clip_norm, precision="fp32")  # exact arithmetic
+    trainer = make_trainer(model, config, torch.device("cpu"))
     trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     result = trainer.update([collate([p[0] for p in g], [p[1] for p in g]) for g in groups], lr=1.0)
@@ -143,3 +144,22 @@ def test_chunked_projected_loss_equals_the_plain_one_in_value_and_gradient(monke
     assert torch.allclose(fused_grads[1], weight.grad, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(loss.projected_label_smoothed_nll(hidden, weight, targets, smoothing)[0], plain)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_trains_in_bf16_only_on_cpus_that_multiply_bf16(monkeypatch, native_bf16):
+    from conftest import tiny_model
+
+    import mt.device
+    from mt.config import TrainConfig
+    from mt.device import training_precision
+    from mt.trainer import make_trainer
+
+    monkeypatch.setattr(mt.device, "cpu_multiplies_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert training_precision(cpu, "auto") == ("bf16" if native_bf16 else "fp32")
+    assert training_precision(cpu, "fp32") == "fp32" and training_precision(cpu, "bf16") == "bf16"
+    assert training_precision(torch.device("mps"), "auto") == "fp32"
+    model = tiny_model()
+    assert make_trainer(model, TrainConfig(), cpu).precision == ("bf16" if native_bf16 else "fp32")
+    assert make_trainer(model, TrainConfig(precision="fp32"), cpu).precision == "fp32"
