@@ -220,6 +220,11 @@ WORKERS_OPTION = typer.Option(
     None,
     help="CPU batches decoded at once, each on its share of the threads (default: decode.workers; 0: one per thread).",
 )
+PRECISION_OPTION = typer.Option(
+    None,
+    help="Autocast arithmetic of run directories: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 (fast on "
+    "CPUs with bf16 matrix instructions), fp16 (default: decode.precision).",
+)
 
 
 @app.command()
@@ -257,6 +262,7 @@ def translate(
     shortlist: bool | None = SHORTLIST_OPTION,
     beam_stop: str | None = BEAM_STOP_OPTION,
     workers: int | None = WORKERS_OPTION,
+    precision: str | None = PRECISION_OPTION,
 ) -> None:
     """Translate stdin to stdout, one output line per input line (blank in, blank out).
 
@@ -282,7 +288,14 @@ def translate(
     second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
     check_languages(translator, second, src_lang, tgt_lang, pivot)
     # the search settings both passes of a pivot share; the output-only ones go to the last pass
-    search = dict(beam=beam, length_penalty=length_penalty, shortlist=shortlist, beam_stop=beam_stop, workers=workers)
+    search = dict(
+        beam=beam,
+        length_penalty=length_penalty,
+        shortlist=shortlist,
+        beam_stop=beam_stop,
+        workers=workers,
+        precision=precision,
+    )
     sample = {"sampling": True, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     options = second.options(
         **search, nbest=nbest, no_repeat_ngram=no_repeat_ngram, **(sample if sampling else {}), tgt_lang=tgt_lang
@@ -569,6 +582,7 @@ def evaluate(
     shortlist: bool | None = SHORTLIST_OPTION,
     beam_stop: str | None = BEAM_STOP_OPTION,
     workers: int | None = WORKERS_OPTION,
+    precision: str | None = PRECISION_OPTION,
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER) and print the signatures.
 
@@ -595,7 +609,14 @@ def evaluate(
         hyps = translate_file(
             translator,
             src,
-            translator.options(beam=beam, tgt_lang=tgt_lang, shortlist=shortlist, beam_stop=beam_stop, workers=workers),
+            translator.options(
+                beam=beam,
+                tgt_lang=tgt_lang,
+                shortlist=shortlist,
+                beam_stop=beam_stop,
+                workers=workers,
+                precision=precision,
+            ),
             pivot,
         )
         if output is not None:

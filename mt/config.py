@@ -97,7 +97,8 @@ class TrainConfig:
     direction_temperature: float = 5.0
     max_bad_steps: int = 5  # updates in a row with a non-finite loss or gradient before the run stops
     score_test: bool = True  # at the end, translate and score data.test (if present) for the model card
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA and on CPUs with bf16 matrix instructions (AVX-512 BF16, AMX), fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model and loss (falls back to eager where unsupported)
     tensorboard: bool = False  # also write the metrics as TensorBoard events to RUN_DIR/tensorboard/
     # a run directory or checkpoint whose weights and tokenizer a new run starts from (fine-tuning);

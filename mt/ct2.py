@@ -199,6 +199,11 @@ class CTranslate2Engine:
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
                 "a seed (its issue #1757), so they could not be reproduced"
             )
+        if options.precision in ("bf16", "fp16"):
+            raise MTError(
+                f"precision {options.precision}: a CTranslate2 export computes in the type it was exported "
+                "with (mt export --quantization)"
+            )
         if options.shortlist and not self.has_shortlist:
             raise MTError("decode.shortlist: this export has no vocabulary map (export a run that has a shortlist)")
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so

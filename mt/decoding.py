@@ -16,7 +16,7 @@ import torch
 
 from mt.batching import make_batches, pad
 from mt.config import Config, DecodeConfig, load_config
-from mt.device import autocast, cpu_workers, map_in_workers, pick_device
+from mt.device import PRECISIONS, autocast, cpu_workers, map_in_workers, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
@@ -65,6 +65,8 @@ class DecodeOptions:
             raise MTError("the beam size must be at least 1")
         if options.beam_stop not in STOPPING_RULES:
             raise MTError(f"beam stop {options.beam_stop!r}: choose one of {', '.join(STOPPING_RULES)}")
+        if options.precision not in PRECISIONS:
+            raise MTError(f"precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if options.workers < 0:
             raise MTError(f"decode.workers {options.workers}: must be >= 0 (0: one per CPU thread)")
         if options.no_repeat_ngram < 0:

@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -208,6 +208,11 @@ ERROR_MATRIX = [
         lambda t, p: (["translate", str(t / "run"), "--workers", "-1"], "hallo\n"),
         "decode.workers -1: must be >= 0",
     ),
+    (
+        "unknown decoding precision",
+        lambda t, p: (["translate", str(t / "run"), "--precision", "fp8"], "hallo\n"),
+        "precision 'fp8': choose one of auto, fp32, bf16, fp16",
+    ),
 ]
 
 
@@ -246,6 +251,16 @@ def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
         cached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=True))
         uncached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=False))
         assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
+
+
+def test_bf16_decoding_computes_in_bf16_and_finds_the_same_outputs(trained):
+    from mt.translate import Translator
+
+    translator = Translator(trained / "run", device="cpu")
+    sources = translator.tokenizer.encode_src(["1 2 3", "5 4 3 2 1 0 9 8", "7 7 7"])
+    fp32, bf16 = (translator.translate_ids(sources, translator.options(beam=1, precision=p)) for p in ("fp32", "bf16"))
+    assert [h[0].tokens for h in bf16] == [h[0].tokens for h in fp32]
+    assert [h[0].score for h in bf16] != [h[0].score for h in fp32]  # other arithmetic, same confident choices
 
 
 @pytest.fixture(scope="module")
