@@ -83,17 +83,26 @@ def _append(cached: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, causal: bool = False) -> Tensor:
-    """Scaled dot-product attention (B, H, L, Dh) -> (B, H, L, Dh), in fp32 when training on the CPU
-    under bf16/fp16 autocast: there the CPU's half-precision kernel's backward runs ~3.5x slower than
-    fp32's at the presets' shapes, more than the half-precision matrix products save."""
+    """Scaled dot-product attention (B, H, L, Dh) -> (B, H, L, Dh), in q's dtype.
+
+    On the CPU it always computes in fp32, also under bf16/fp16 autocast: the CPU's half-precision
+    kernel runs slower there (its backward ~3.5x at the presets' training shapes, a cached search
+    step 1.2-1.6x), more than the half-precision matrix products around it save. Search keeps its
+    keys and values in fp32 on the CPU for this (`_cpu_fp32`), so only the new position is cast.
+    """
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad:
+    if q.device.type == "cpu" and {dtype, k.dtype, v.dtype} != {torch.float32}:
         with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back down
             out = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout, is_causal=causal
             )
         return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def _cpu_fp32(x: Tensor) -> Tensor:
+    """Keys/values kept for later search steps: fp32 on the CPU (where `_attend` computes in fp32)."""
+    return x.float() if x.device.type == "cpu" else x
 
 
 class SelfAttention(nn.Module):
@@ -131,6 +140,7 @@ class SelfAttention(nn.Module):
             # projection's output would keep the unrotated q and k alive as well
             qkv = self.rotary(qkv, offset)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
+        k, v = _cpu_fp32(k), _cpu_fp32(v)
         if cache is not None:
             k, v = _append(cache[0], k, cache_rows), _append(cache[1], v, cache_rows)
         dropout = self.dropout if self.training else 0.0
@@ -152,7 +162,7 @@ class CrossAttention(nn.Module):
     def memory_keys(self, memory: Tensor) -> KeyValue:
         """Encoder output (B, S, D) -> keys and values, each (B, H, S, Dh); computed once per sentence."""
         k, v = self.kv_proj(memory).chunk(2, dim=-1)
-        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+        return _cpu_fp32(_split_heads(k, self.heads)), _cpu_fp32(_split_heads(v, self.heads))
 
     def weights(self, x: Tensor, memory_kv: KeyValue, mask: Tensor) -> Tensor:
         """The attention probabilities `forward` uses: x (B, T, D) -> (B, H, T, S)."""

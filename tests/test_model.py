@@ -242,7 +242,7 @@ def test_projection_columns_pad_to_the_alignment_with_zeros():
     assert chosen.shape == (8, PROJECTION_ALIGNMENT) and torch.equal(chosen[:, :3], weight[columns].t())
 
 
-def test_training_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
     import mt.model
 
     seen = []
@@ -264,4 +264,4 @@ def test_training_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
     seen.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(src, tgt_in)
-    assert seen == [(torch.bfloat16,) * 3 + (True,)] * 6  # inference keeps bf16 attention
+    assert seen == [(torch.float32,) * 3 + (False,)] * 6  # and in inference
