@@ -102,7 +102,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
 
 def _cpu_fp32(x: Tensor) -> Tensor:
     """Keys/values kept for later search steps: fp32 on the CPU (where `_attend` computes in fp32)."""
-    return x.float() if x.device.type == "cpu" else x
+    return x.float() if x.device.type == "cpu" and x.dtype != torch.float32 else x
 
 
 class SelfAttention(nn.Module):
