@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mt.ops import linear
 from mt.vocab import PAD
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
@@ -84,7 +85,7 @@ def projected_label_smoothed_nll(
     step = _chunk_rows(weight.size(0))
     for start in range(0, hidden.size(0), step):
         rows, target = hidden[start : start + step], targets[start : start + step]
-        loss, nll = label_smoothed_nll(F.linear(rows, weight), target, smoothing)
+        loss, nll = label_smoothed_nll(linear(rows, weight), target, smoothing)
         loss_sum, nll_sum = loss_sum + loss, nll_sum + nll
     return loss_sum, nll_sum
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mt.config import ModelConfig
-from mt.ops import Dropout, Rotary
+from mt.ops import Dropout, Linear, Rotary, linear
 from mt.vocab import PAD
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, H, L, Dh)
@@ -116,8 +116,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, causal: bool = False, rotary: Rotary | None = None):
         super().__init__()
         self.heads, self.dropout, self.causal, self.rotary = heads, dropout, causal, rotary
-        self.qkv_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.qkv_proj = Linear(dim, 3 * dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(
         self,
@@ -155,9 +155,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(dim, 2 * dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.kv_proj = Linear(dim, 2 * dim)
+        self.out_proj = Linear(dim, dim)
 
     def memory_keys(self, memory: Tensor) -> KeyValue:
         """Encoder output (B, S, D) -> keys and values, each (B, H, S, Dh); computed once per sentence."""
@@ -184,7 +184,7 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -289,7 +289,7 @@ class Transformer(nn.Module):
         self.src_embed = nn.Embedding(src_vocab, config.d_model, padding_idx=PAD)
         share = config.tie_embeddings and shared_vocab
         self.tgt_embed = self.src_embed if share else nn.Embedding(tgt_vocab, config.d_model, padding_idx=PAD)
-        self.output_proj = None if config.tie_embeddings else nn.Linear(config.d_model, tgt_vocab, bias=False)
+        self.output_proj = None if config.tie_embeddings else Linear(config.d_model, tgt_vocab, bias=False)
         self.max_positions = config.max_positions
         # absolute positions: a fixed sinusoidal table or a learned one, added to the embeddings
         self.position_embed = (
@@ -357,7 +357,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""
-        return F.linear(hidden, self.output_weight)
+        return linear(hidden, self.output_weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder hidden states (B, T, D).

@@ -1,13 +1,66 @@
-"""Custom autograd kernels the model is built from: rotary positions and a CPU dropout with a byte mask.
+"""Kernels the model is built from: rotary positions, a CPU dropout with a byte mask, and a linear
+layer that multiplies through oneDNN where MKL is slow.
 
-Each computes what a few lines of tensor arithmetic would, with less memory kept for the backward
-pass; the tests check them against that arithmetic.
+Each computes what a few lines of tensor arithmetic (or F.linear) would, with less memory kept for
+the backward pass or in less time; the tests check them against that arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Below this many rows oneDNN's fp32 product costs more than MKL's (its call overhead: one row 35
+# against 20 us); from 5 rows on it is faster on the CPUs where `onednn_multiplies_fp32` holds.
+ONEDNN_MIN_ROWS = 8
+
+
+@functools.cache
+def onednn_multiplies_fp32() -> bool:
+    """Whether fp32 inference products on the CPU go through oneDNN rather than MKL: on CPUs with AVX-512.
+
+    MKL runs its AVX2 kernels on AMD's AVX-512 CPUs: on one Zen 5 core 75-87 GFLOP/s at search's
+    shapes, where oneDNN (which CTranslate2 also multiplies with there) reaches 164-202. On AVX2 CPUs
+    MKL already runs near the core's peak, so they keep it.
+    """
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias); without autograd, in fp32 on the CPU, through oneDNN where it is faster.
+
+    Only where no gradient is taken (search, scoring, validation) and no autocast runs: training keeps
+    PyTorch's own kernels and their backward. `weight` (N, K) may be a transposed view.
+    """
+    if (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and x.numel() >= ONEDNN_MIN_ROWS * x.size(-1)
+        and onednn_multiplies_fp32()
+    ):
+        return _onednn_linear(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(*args) -> Tensor:
+    """oneDNN's product of dense tensors (a strided weight needs no reordering into its own layout first)."""
+    return torch.ops.mkldnn._linear_pointwise(*args)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose product is `linear`'s."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class Rotary(nn.Module):

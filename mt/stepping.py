@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer
+from mt.ops import linear
 from mt.vocab import BOS, PAD
 
 
@@ -43,7 +44,7 @@ class NextPieces:
         the shortlist's candidates only, when there is one)."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
-            logits = hidden[rows] @ output_weight
+            logits = linear(hidden[rows], output_weight.t())  # hidden @ output_weight
             if self.candidates is None:
                 logits = logits[:, : self.width]  # the whole vocabulary, without the weight's padding
             elif self.real_width < self.width:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 from torch import Tensor, nn
 
@@ -265,3 +266,31 @@ def test_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(src, tgt_in)
     assert seen == [(torch.float32,) * 3 + (False,)] * 6  # and in inference
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_equals_f_linear_and_keeps_autograd_and_autocast_to_torch(monkeypatch, onednn):
+    import mt.ops
+    from mt.ops import Linear, linear
+
+    monkeypatch.setattr(mt.ops, "onednn_multiplies_fp32", lambda: onednn)
+    calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(mt.ops, "_onednn_linear", lambda *args: calls.append(1) or pointwise(*args))
+    layer = Linear(16, 24)
+    weight_t = torch.randn(16, 24)  # a transposed view as the weight: search's output projection
+    for x in (torch.randn(9, 16), torch.randn(3, 5, 16)):
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+            assert torch.allclose(linear(x, weight_t.t()), x @ weight_t, atol=1e-5)
+    assert len(calls) == (4 if onednn else 0)
+    calls.clear()
+    with torch.no_grad():
+        layer(torch.randn(2, 16))  # too few rows for oneDNN
+    x = torch.randn(9, 16, requires_grad=True)
+    layer(x).sum().backward()  # with autograd: F.linear
+    assert x.grad is not None and torch.allclose(x.grad, layer.weight.sum(dim=0).expand(9, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(9, 16)).dtype == torch.bfloat16  # autocast's own choice
+    assert calls == []
+    assert set(layer.state_dict()) == {"weight", "bias"}  # checkpoints of nn.Linear load unchanged
