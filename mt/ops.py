@@ -39,16 +39,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Only where no gradient is taken (search, scoring, validation) and no autocast runs: training keeps
     PyTorch's own kernels and their backward. `weight` (N, K) may be a transposed view.
     """
+    rows = x.numel() // max(1, x.size(-1))
     if (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and x.numel() >= ONEDNN_MIN_ROWS * x.size(-1)
-        and onednn_multiplies_fp32()
+        x.device.type != "cpu"
+        or not x.dtype == weight.dtype == torch.float32
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled("cpu")
+        or rows < ONEDNN_MIN_ROWS
+        or not onednn_multiplies_fp32()
     ):
-        return _onednn_linear(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.size(-1))
+    bucket = onednn_rows(rows)
+    if bucket != rows:  # zero rows up to the bucket's size: a product shape oneDNN has already seen
+        padded = flat.new_empty(bucket, flat.size(1))
+        padded[:rows], padded[rows:] = flat, 0
+        flat = padded
+    out = _onednn_linear(flat, weight, bias, "none", [], "")[:rows]
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
+def onednn_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 32, or of 1/16 of the next power of two when that is more.
+
+    oneDNN keeps each product shape it meets with ~2-3 MB of buffers, and search meets a new row
+    count at nearly every step: without the rounding, decoding the 1,000 test sentences three times
+    grew the resident set to 1.1 GB (MKL: 300 MB), and a pass over 164 row counts x 6 weights took
+    1.47 s against 1.03 s rounded (the rounding wastes at most 1/8 of the rows beyond 256).
+    """
+    step = max(32, (1 << (rows - 1).bit_length()) // 16)
+    return -(-rows // step) * step
 
 
 def _onednn_linear(*args) -> Tensor:

@@ -296,3 +296,14 @@ def test_linear_equals_f_linear_and_keeps_autograd_and_autocast_to_torch(monkeyp
         assert layer(torch.randn(9, 16)).dtype == torch.bfloat16  # autocast's own choice
     assert calls == []
     assert set(layer.state_dict()) == {"weight", "bias"}  # checkpoints of nn.Linear load unchanged
+
+
+def test_onednn_row_buckets_cover_the_rows_with_little_waste():
+    from mt.ops import onednn_rows
+
+    buckets = {onednn_rows(rows) for rows in range(1, 5000)}
+    assert len(buckets) < 80  # a few dozen product shapes for oneDNN to keep, not thousands
+    for rows in range(1, 5000):
+        bucket = onednn_rows(rows)
+        assert bucket >= rows and bucket % 32 == 0 and onednn_rows(bucket) == bucket
+        assert rows <= 256 or bucket <= rows * 1.125
