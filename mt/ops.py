@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Below this many rows oneDNN's fp32 product costs more than MKL's (its call overhead: one row 35
-# against 20 us); from 5 rows on it is faster on the CPUs where `onednn_multiplies_fp32` holds.
-ONEDNN_MIN_ROWS = 8
+# Below this many rows oneDNN's fp32 product, padded to its bucket (`onednn_rows`), costs as much as
+# MKL's or more (a 256 x 768 weight on one Zen 5 core: 8 rows 73 against 68 us, 12 rows 107 against
+# 86); from 16 rows on it is faster (91 against 106 us, 24 rows 109 against 143).
+ONEDNN_MIN_ROWS = 16
 
 
 @functools.cache
@@ -60,14 +61,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def onednn_rows(rows: int) -> int:
-    """`rows` rounded up to a multiple of 32, or of 1/16 of the next power of two when that is more.
+    """`rows` rounded up to a multiple of 8 up to 32 rows, then of 32, or of 1/16 of the next power of
+    two when that is more.
 
     oneDNN keeps each product shape it meets with ~2-3 MB of buffers, and search meets a new row
     count at nearly every step: without the rounding, decoding the 1,000 test sentences three times
     grew the resident set to 1.1 GB (MKL: 300 MB), and a pass over 164 row counts x 6 weights took
     1.47 s against 1.03 s rounded (the rounding wastes at most 1/8 of the rows beyond 256).
     """
-    step = max(32, (1 << (rows - 1).bit_length()) // 16)
+    step = 8 if rows <= 32 else max(32, (1 << (rows - 1).bit_length()) // 16)
     return -(-rows // step) * step
 
 
