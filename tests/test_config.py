@@ -29,6 +29,7 @@ def test_defaults_and_overrides(tmp_path):
         ("trian:\n  lr: 1\n", [], "trian: unknown key (did you mean train?)"),
         ("model:\n  heads: four\n", [], "model.heads: expected int, got 'four'"),
         ("model:\n  norm: middle\n", [], "model.norm: expected one of 'pre' | 'post', got 'middle'"),
+        ("", ["train.precision=int8"], "train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got"),
         ("model:\n  d_model: 30\n  heads: 4\n", [], "model.d_model must be divisible by model.heads"),
         ("", ["train.lr"], "--set train.lr: expected section.key=value"),
         ("", ["train.max_time=soon"], "cannot read duration 'soon'"),

@@ -307,3 +307,56 @@ def test_onednn_row_buckets_cover_the_rows_with_little_waste():
         bucket = onednn_rows(rows)
         assert bucket >= rows and bucket % 8 == 0 and onednn_rows(bucket) == bucket
         assert rows <= 256 or bucket <= rows * 1.125
+
+
+def test_int8_products_are_close_to_fp32_and_run_only_where_asked():
+    from mt.ops import Linear, int8_products
+
+    torch.manual_seed(0)
+    layer, x = Linear(64, 48), torch.randn(3, 7, 64)
+    x[0, 0] = 0  # a row of zeros: its scale must not divide by zero
+    with torch.no_grad():
+        exact = F.linear(x, layer.weight, layer.bias)
+        with int8_products():
+            quantized = layer(x)
+        assert torch.equal(layer(x), linear_fp32(layer, x))  # outside the context: fp32 as before
+    assert quantized.shape == exact.shape and not torch.allclose(quantized, exact, atol=1e-5)
+    assert (quantized - exact).abs().max() < 0.02 * exact.abs().max()
+    assert torch.equal(quantized[0, 0], layer.bias.detach())
+    with int8_products():
+        assert layer(x).requires_grad  # with autograd: the fp32 product and its backward
+        with torch.no_grad():
+            layer.weight.mul_(2)  # a changed weight is quantized again
+            doubled = F.linear(x, layer.weight, layer.bias)
+            assert (layer(x) - doubled).abs().max() < 0.02 * doubled.abs().max()
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def linear_fp32(layer, x):
+    from mt.ops import linear
+
+    return linear(x, layer.weight, layer.bias)
+
+
+def test_an_int8_shortlist_projection_gives_the_full_projections_columns():
+    from mt.model import PROJECTION_ALIGNMENT, int8_projection, project
+    from mt.ops import int8_linear, quantize_rows
+
+    weight, hidden = torch.randn(50, 32), torch.randn(9, 32)
+    full = quantize_rows(weight)
+    assert full.values.dtype == torch.int8 and full.values.abs().max() == 127
+    assert torch.allclose(full.values * full.scales[:, None], weight, atol=full.scales.max().item() / 2 + 1e-6)
+    columns = torch.tensor([0, 3, 17, 49])
+    chosen = int8_projection(full, columns)
+    assert len(chosen.values) == PROJECTION_ALIGNMENT and not chosen.values[4:].any()
+    logits = project(hidden, chosen)
+    assert torch.equal(logits[:, :4], int8_linear(hidden, full)[:, columns])  # integer sums: exactly
+    assert not logits[:, 4:].any()
+
+
+def test_int8_precision_is_for_the_cpu_only():
+    from mt.device import autocast
+    from mt.errors import MTError
+
+    with pytest.raises(MTError, match="int8 products run on the CPU only"):
+        autocast(torch.device("cuda"), "int8")
