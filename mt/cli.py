@@ -490,6 +490,7 @@ def serve(
     max_segments: int = typer.Option(128, help="Segments per request at most."),
     max_chars: int = typer.Option(2000, help="Characters per segment at most."),
     max_body_bytes: int = typer.Option(1 << 20, help="Request body size at most."),
+    precision: str | None = PRECISION_OPTION,
 ) -> None:
     """Serve models over HTTP: LibreTranslate's API, mt's /v1/translate, a web page with attention.
 
@@ -510,7 +511,7 @@ def serve(
     if min(max_segments, max_chars, max_body_bytes) < 1 or max_wait_ms < 0:
         raise MTError("--max-segments, --max-chars and --max-body-bytes must be positive, --max-wait-ms >= 0")
     limits = ServeLimits(max_body_bytes, max_segments, max_chars, max_wait_ms=max_wait_ms)
-    translators = [Translator(path, checkpoint, device) for path in models]
+    translators = [Translator(path, checkpoint, device, precision=precision) for path in models]
     serve(create_app(translators, limits, api_key, cors), host, port)
 
 

@@ -191,9 +191,8 @@ class CTranslate2Engine:
             )
         return self._translators[workers]
 
-    def search(
-        self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
-    ) -> list[list[Hypothesis]]:
+    def check(self, options: DecodeOptions) -> None:
+        """A one-line error for settings a CTranslate2 export cannot decode with."""
         if options.sampling:
             raise MTError(
                 "--sampling needs a run directory of mt's own model: CTranslate2's samples do not follow "
@@ -206,6 +205,11 @@ class CTranslate2Engine:
             )
         if options.shortlist and not self.has_shortlist:
             raise MTError("decode.shortlist: this export has no vocabulary map (export a run that has a shortlist)")
+
+    def search(
+        self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
+    ) -> list[list[Hypothesis]]:
+        self.check(options)
         # CTranslate2 takes one length limit per call; ours is per sentence (pieces with EOS), so
         # sentences sharing a limit go together, and every group is queued at once so that the
         # translator's workers (inter_threads) decode them side by side

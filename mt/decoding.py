@@ -16,7 +16,7 @@ import torch
 
 from mt.batching import make_batches, pad
 from mt.config import Config, DecodeConfig, load_config
-from mt.device import PRECISIONS, autocast, cpu_workers, map_in_workers, pick_device
+from mt.device import PRECISIONS, autocast, check_precision, cpu_workers, map_in_workers, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
@@ -95,6 +95,10 @@ class Engine(Protocol):
     vocab_size: int  # target pieces
     has_shortlist: bool  # decode.shortlist can be honoured: a lexical shortlist (or vmap) came with the model
 
+    def check(self, options: DecodeOptions) -> None:
+        """A one-line error (MTError) for settings this engine cannot decode with; `search` checks too."""
+        ...
+
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
     ) -> list[list[Hypothesis]]:
@@ -127,13 +131,17 @@ class TorchEngine:
     def has_shortlist(self) -> bool:
         return self.shortlist is not None
 
+    def check(self, options: DecodeOptions) -> None:
+        if options.shortlist and self.shortlist is None:
+            raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
+        check_precision(self.device, options.precision)
+
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None
     ) -> list[list[Hypothesis]]:
+        self.check(options)
         lengths = [len(s) + 1 for s in sources]
         generator = torch.Generator(self.device).manual_seed(options.seed) if options.sampling else None
-        if options.shortlist and self.shortlist is None:
-            raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
 
         def decode_batch(batch: list[int]) -> list[list[Hypothesis]]:
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)

@@ -58,12 +58,17 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return {"fp32": None, "int8": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    """A one-line error for a precision `device` cannot compute in."""
+    if precision == "int8" and device.type != "cpu":
+        raise MTError(f"precision int8: int8 products run on the CPU only, not on {device.type} (use bf16 there)")
+
+
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """The context `precision` computes in: autocast to its dtype, or for int8 (decoding on the CPU)
     the model's matrix products in int8 (`mt.ops.int8_products`), everything else in fp32."""
+    check_precision(device, precision)
     if precision == "int8":
-        if device.type != "cpu":
-            raise MTError(f"precision int8: int8 products run on the CPU only, not on {device.type} (use bf16 there)")
         return int8_products()
     dtype = autocast_dtype(device, precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -46,8 +46,10 @@ class Translator:
         device: str = "auto",
         engine: str = "auto",
         weights: list[float] | None = None,
+        precision: str | None = None,
     ):
-        """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config.
+        """`checkpoint` None: the model directory's default, `decode.checkpoint` of its config;
+        `precision` None: its `decode.precision`.
 
         Several model directories decode as an ensemble (optionally `weights`, one per model); the
         first one's config gives the decoding defaults.
@@ -65,6 +67,9 @@ class Translator:
             self.engine = open_engine(runs[0], self.config, self.tokenizer, self.checkpoint, device, engine)
         self.name = str(runs[0].path)
         self._warned_no_shortlist = False
+        if precision is not None:  # checked now, not at the first request of a server
+            self.config.decode.precision = precision
+            self.engine.check(self.options())
 
     @property
     def target_languages(self) -> list[str]:

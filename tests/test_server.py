@@ -254,6 +254,8 @@ def test_several_models_by_pair_and_a_ctranslate2_export(translator, tmp_path):
     exported = Translator(tmp_path / "export", device="cpu")
     with pytest.raises(MTError, match="two models for src-tgt"):
         create_app([translator, exported])
+    with pytest.raises(MTError, match="precision int8: a CTranslate2 export computes in the type it was exported"):
+        Translator(tmp_path / "export", device="cpu", precision="int8")  # `mt serve --precision`: refused at start
     with TestClient(create_app([exported, Translator(other, device="cpu")])) as client:
         languages = client.get("/languages").json()
         assert languages == [
@@ -288,3 +290,13 @@ def test_a_failure_inside_the_model_is_a_json_500_and_the_worker_lives_on(transl
         assert answer.status_code == 500 and "internal error (RuntimeError)" in answer.json()["error"]
         monkeypatch.setattr(translator, "translate_chunks", real)
         assert client.post("/translate", json=body).status_code == 200
+
+
+def test_a_server_in_int8_answers_as_an_int8_translator(translator):
+    in_int8 = Translator(RUN, device="cpu", precision="int8")  # what `mt serve RUN --precision int8` loads
+    assert in_int8.options().precision == "int8"
+    with TestClient(create_app([in_int8])) as client:
+        answer = client.post("/translate", json={"q": LINES, "source": "src", "target": "tgt"}).json()
+    assert answer["translatedText"] == expected(translator, LINES, precision="int8")
+    with pytest.raises(MTError, match="precision 'int4': choose one of"):
+        Translator(RUN, device="cpu", precision="int4")
