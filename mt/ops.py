@@ -91,8 +91,9 @@ class Int8Weight(NamedTuple):
 
 def quantize_rows(weight: Tensor) -> Int8Weight:
     """(N, K) float weight -> its int8 rows, each scaled by its largest magnitude (CTranslate2's int8 scheme)."""
-    scales = weight.detach().float().abs().amax(dim=1).clamp_(min=1e-12).div_(127)
-    return Int8Weight(torch.div(weight.detach().float(), scales[:, None]).round_().to(torch.int8), scales)
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp_(min=1e-12).div_(127)
+    return Int8Weight(torch.div(weight, scales[:, None]).round_().to(torch.int8), scales)
 
 
 def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Tensor:

@@ -2,6 +2,7 @@
 """Throughput and latency of `mt serve` under concurrent clients, against `mt translate`'s batch speed.
 
     python scripts/bench_serve.py RUN_DIR SOURCE_FILE [--clients 1 8 64] [--sentences 1000] [--beam 5]
+        [--precision int8]
     python scripts/bench_serve.py RUN_DIR SOURCE_FILE --abuse 10000
 
 Starts a real server on a free loopback port. For each client count, the clients share the first
@@ -40,10 +41,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run_dir: Path, port: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, max_wait_ms: float, precision: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "mt", "--quiet", "serve", str(run_dir), "--port", str(port), "--device", "cpu"]
-    command += ["--max-wait-ms", str(max_wait_ms)]
+    command += ["--max-wait-ms", str(max_wait_ms)] + (["--precision", precision] if precision else [])
     process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -179,17 +180,22 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--abuse", type=int, default=0, help="send this many mostly malformed requests")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
+    parser.add_argument("--precision", help="the server's and the batch path's --precision (default: the model's)")
     args = parser.parse_args()
 
     lines = [line.strip() for line in args.source.read_text(encoding="utf-8").splitlines()][: args.sentences]
-    translator = Translator(args.run_dir, device="cpu")
+    translator = Translator(args.run_dir, device="cpu", precision=args.precision)
     if translator.options().beam != args.beam:
         raise SystemExit(f"the model's decode.beam is {translator.options().beam}; run with --beam that, or tune it")
     pair = (translator.config.data.src, translator.config.data.tgt)
     port = free_port()
-    server = start_server(args.run_dir, port, args.max_wait_ms)
+    server = start_server(args.run_dir, port, args.max_wait_ms, args.precision)
     try:
-        print(f"{len(lines)} sentences, beam {args.beam}, server pid {server.pid}, torch threads per process: default")
+        precision = translator.options().precision
+        print(
+            f"{len(lines)} sentences, beam {args.beam}, precision {precision}, server pid {server.pid}, "
+            "torch threads per process: default"
+        )
         results = []
         for clients in args.clients:
             batches_before = batch_count(port)
