@@ -117,7 +117,7 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
     checkpoint: str = BEST  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
     # the output layer over the run's lexical shortlist (RUN_DIR/shortlist.npz) only: faster, valid
-    # BLEU -0.18..+0.13 over 10 Multi30k directions, but -0.43 on en-de (README); off unless a config
+    # BLEU -0.18..+0.13 over 10 Multi30k directions, -0.43 and -0.10 on en-de (README); off unless a config
     # (the de-en and multilingual presets) sets it, so earlier run directories translate as before
     shortlist: bool = False
     # auto: bf16 on CUDA, fp32 elsewhere; int8 (the CPU only): the matrix products in int8, 1.75x fp32's
