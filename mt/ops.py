@@ -136,11 +136,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if int8_enabled(x):
-            return int8_linear(x, self.int8_weight(), self.bias)
+            return int8_linear(x, cached_int8(self, self.weight), self.bias)
         return linear(x, self.weight, self.bias)
-
-    def int8_weight(self) -> Int8Weight:
-        return cached_int8(self, self.weight)
 
 
 def cached_int8(owner: nn.Module, weight: Tensor) -> Int8Weight:
