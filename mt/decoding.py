@@ -16,7 +16,7 @@ import torch
 
 from mt.batching import make_batches, pad
 from mt.config import Config, DecodeConfig, load_config
-from mt.device import PRECISIONS, autocast, check_precision, cpu_workers, map_in_workers, pick_device
+from mt.device import PRECISIONS, check_precision, cpu_workers, decoding_precision, map_in_workers, pick_device
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
@@ -41,7 +41,7 @@ class DecodeOptions:
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
     use_cache: bool = True  # False: the uncached reference decoder (tests, benchmarks)
     max_tokens: int = 6144  # source pieces x beam size per batch, padding included
-    precision: str = "auto"  # autocast precision of the PyTorch engine (auto | fp32 | bf16 | fp16)
+    precision: str = "auto"  # the PyTorch engine's (auto | fp32 | bf16 | fp16 | int8: mt.device.decoding_precision)
     # sampling: each next piece drawn at random (beam ignored; nbest independent samples per sentence)
     sampling: bool = False
     temperature: float = 1.0  # < 1 sharpens the distribution, > 1 flattens it
@@ -147,7 +147,7 @@ class TorchEngine:
             src = pad([sources[i] for i in batch], suffix=[EOS]).to(self.device)
             forced = [prefixes[i] for i in batch] if prefixes else None
             models = self.models.restricted(self._candidates(src, forced)) if options.shortlist else self.models
-            with autocast(self.device, options.precision):
+            with decoding_precision(self.device, options.precision):
                 return search(models, src, options, forced, generator)
 
         batches = list(make_batches(lengths, lengths, options.rows_per_batch))
@@ -183,7 +183,7 @@ class TorchEngine:
             tgt_out = pad([targets[i] for i in batch], suffix=[EOS]).to(self.device)
             chosen = torch.zeros(tgt_out.shape)
             for model, weight in zip(self.models.members, self.models.weights):
-                with torch.inference_mode(), autocast(self.device, options.precision):
+                with torch.inference_mode(), decoding_precision(self.device, options.precision):
                     log_probs = torch.log_softmax(model.logits(model(src, tgt_in)).float(), dim=-1)
                 chosen += log_probs.gather(-1, tgt_out[..., None]).squeeze(-1).cpu() * weight
             for row, index in enumerate(batch):

@@ -23,7 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mt.config import ModelConfig
-from mt.ops import Dropout, Int8Weight, Linear, Rotary, cached_int8, int8_enabled, int8_linear, linear
+from mt.ops import (
+    Bf16Weight,
+    Dropout,
+    Int8Weight,
+    Linear,
+    ReducedWeight,
+    Rotary,
+    cached_reduced,
+    linear,
+    reduced_linear,
+    reduced_products,
+)
 from mt.vocab import PAD
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, H, L, Dh)
@@ -263,9 +274,9 @@ class DecoderState:
     cross_kv: list[KeyValue]  # per layer
     self_kv: list[KeyValue | None] | None  # per layer, each (B*K, H, t, Dh); None before the first step
     # (D, V'): the output projection, transposed and zero-padded to V' >= V columns once per batch
-    # (`projection_columns`), or its int8 rows (V', D) under `int8_products`; logits are
+    # (`projection_columns`), or its int8 or bf16 rows (V', D) under `cpu_products`; logits are
     # project(hidden, output_weight)[:, :V] (with a shortlist only its candidates' columns: mt.stepping)
-    output_weight: Tensor | Int8Weight
+    output_weight: Tensor | ReducedWeight
     self_rows: Tensor | None = None  # row r of the next step continues cached row self_rows[r]
 
     def select(self, rows: Tensor, sentences: Tensor | None = None) -> DecoderState:
@@ -284,7 +295,7 @@ class DecoderState:
 
 
 class Transformer(nn.Module):
-    _int8: tuple[tuple[int, int], Int8Weight] | None = None  # the output projection in int8 (`cached_int8`)
+    _reduced: tuple[tuple, ReducedWeight] | None = None  # the output projection in int8 or bf16 (`cached_reduced`)
 
     def __init__(self, config: ModelConfig, src_vocab: int, tgt_vocab: int, shared_vocab: bool):
         super().__init__()
@@ -360,8 +371,9 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""
-        if int8_enabled(hidden):
-            return int8_linear(hidden, cached_int8(self, self.output_weight))
+        kind = reduced_products(hidden)
+        if kind is not None:
+            return reduced_linear(hidden, cached_reduced(self, self.output_weight, kind))
         return linear(hidden, self.output_weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -378,8 +390,9 @@ class Transformer(nn.Module):
         """The state before the first step; `columns` (target ids) cuts the output layer to a shortlist."""
         cross_kv = [layer.cross_attn.memory_keys(memory) for layer in self.decoder] if use_cache else []
         self_kv = [None for _ in self.decoder] if use_cache else None
-        if int8_enabled(memory):
-            projection = int8_projection(cached_int8(self, self.output_weight), columns)
+        kind = reduced_products(memory)
+        if kind is not None:
+            projection = reduced_projection(cached_reduced(self, self.output_weight, kind), columns)
         else:
             projection = projection_columns(self.output_weight, columns)
         return DecoderState(memory, memory_mask, cross_kv, self_kv, projection)
@@ -416,21 +429,24 @@ def projection_columns(weight: Tensor, columns: Tensor | None = None) -> Tensor:
     return padded
 
 
-def int8_projection(weight: Int8Weight, columns: Tensor | None = None) -> Int8Weight:
-    """`projection_columns` of an int8 output projection (V, D): its rows `columns` if given, zero rows
-    appended up to a multiple of PROJECTION_ALIGNMENT; kept as rows, which `int8_linear` multiplies by."""
+def reduced_projection(weight: ReducedWeight, columns: Tensor | None = None) -> ReducedWeight:
+    """`projection_columns` of an int8 or bf16 output projection (V, D): its rows `columns` if given, zero
+    rows appended up to a multiple of PROJECTION_ALIGNMENT; kept as rows, which `reduced_linear` multiplies by."""
+    missing = -(len(weight.values) if columns is None else len(columns)) % PROJECTION_ALIGNMENT
+    if isinstance(weight, Bf16Weight):
+        values = weight.values if columns is None else weight.values[columns]
+        return Bf16Weight(torch.cat([values, values.new_zeros(missing, values.size(1))]) if missing else values)
     values, scales = weight if columns is None else (weight.values[columns], weight.scales[columns])
-    missing = -len(values) % PROJECTION_ALIGNMENT
     if missing:
         values = torch.cat([values, values.new_zeros(missing, values.size(1))])
         scales = torch.cat([scales, scales.new_ones(missing)])
     return Int8Weight(values, scales)
 
 
-def project(hidden: Tensor, weight: Tensor | Int8Weight) -> Tensor:
+def project(hidden: Tensor, weight: Tensor | ReducedWeight) -> Tensor:
     """Search's logits: hidden (R, D) times a `DecoderState.output_weight` -> (R, V')."""
-    if isinstance(weight, Int8Weight):
-        return int8_linear(hidden, weight)
+    if isinstance(weight, (Int8Weight, Bf16Weight)):
+        return reduced_linear(hidden, weight)
     return linear(hidden, weight.t())  # hidden @ weight
 
 

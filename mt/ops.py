@@ -1,5 +1,6 @@
 """Kernels the model is built from: rotary positions, a CPU dropout with a byte mask, and a linear
-layer that multiplies through oneDNN where MKL is slow, or in int8 for decoding (`int8_products`).
+layer that multiplies through oneDNN where MKL is slow, or in int8 or bf16 for decoding on the CPU
+(`cpu_products`).
 
 Each computes what a few lines of tensor arithmetic (or F.linear) would, with less memory kept for
 the backward pass or in less time; the tests check them against that arithmetic.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -25,17 +27,31 @@ ONEDNN_MIN_ROWS = 16
 
 @functools.cache
 def onednn_multiplies_fp32() -> bool:
-    """Whether fp32 inference products on the CPU go through oneDNN rather than MKL: on CPUs with AVX-512.
+    """Whether fp32 inference products on the CPU go through oneDNN rather than MKL: on AMD CPUs with AVX-512.
 
     MKL runs its AVX2 kernels on AMD's AVX-512 CPUs: on one Zen 5 core 75-87 GFLOP/s at search's
     shapes, where oneDNN (which CTranslate2 also multiplies with there) reaches 164-202. On AVX2 CPUs
-    MKL already runs near the core's peak, so they keep it.
+    MKL already runs near the core's peak, and on Intel's AVX-512 ones it runs AVX-512: there fp32
+    beam search was 1.13x faster with MKL than with oneDNN (a Xeon with AMX, 2 cores), so they keep it.
     """
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        and cpu_vendor_is_amd()
     )
+
+
+def cpu_vendor_is_amd() -> bool:
+    """Whether this CPU is AMD's (Linux's /proc/cpuinfo; elsewhere what `platform` says)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return "AuthenticAMD" in line
+    except OSError:
+        pass
+    return "AuthenticAMD" in platform.processor()  # Windows: 'AMD64 Family 25 Model 97 ..., AuthenticAMD'
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -109,44 +125,80 @@ def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Te
     return out.view(*x.shape[:-1], weight.values.size(0))
 
 
-_INT8 = ContextVar("mt_int8_products", default=False)
+class Bf16Weight(NamedTuple):
+    """A weight (N, K) in bf16, for products on the CPU's bf16 matrix units (AMX, AVX-512 BF16)."""
+
+    values: Tensor  # (N, K) bf16
+
+
+ReducedWeight = Int8Weight | Bf16Weight
+
+
+def bf16_linear(x: Tensor, weight: Bf16Weight, bias: Tensor | None = None) -> Tensor:
+    """~F.linear(x, weight) in fp32 with the product in bf16: x rounded to bf16, the product back in fp32."""
+    out = F.linear(x.to(torch.bfloat16), weight.values).float()
+    return out if bias is None else out.add_(bias)
+
+
+def reduced_linear(x: Tensor, weight: ReducedWeight, bias: Tensor | None = None) -> Tensor:
+    """x times an int8 or bf16 weight, in and out in fp32."""
+    if isinstance(weight, Int8Weight):
+        return int8_linear(x, weight, bias)
+    return bf16_linear(x, weight, bias)
+
+
+def reduce(weight: Tensor, kind: str) -> ReducedWeight:
+    """A float weight (N, K) as `kind` (int8 | bf16) products take it."""
+    if kind == "int8":
+        return quantize_rows(weight)
+    return Bf16Weight(weight.detach().to(torch.bfloat16))
+
+
+_PRODUCTS: ContextVar[str | None] = ContextVar("mt_cpu_products", default=None)
+CPU_PRODUCTS = ("int8", "bf16")
 
 
 @contextlib.contextmanager
-def int8_products() -> Iterator[None]:
-    """Within it (per thread), `Linear` layers and `Transformer.logits` multiply in int8 on the CPU
-    when no gradient is taken: decoding's `precision: int8`."""
-    token = _INT8.set(True)
+def cpu_products(kind: str) -> Iterator[None]:
+    """Within it (per thread), `Linear` layers and `Transformer.logits` multiply in `kind` (int8 | bf16)
+    on the CPU when no gradient is taken, everything else staying fp32: decoding's `precision: int8`
+    and, on the CPU, `bf16`. Unlike autocast, no activation leaves fp32 and no weight is cast per product."""
+    if kind not in CPU_PRODUCTS:
+        raise ValueError(f"cpu_products: {kind!r} is not one of {CPU_PRODUCTS}")
+    token = _PRODUCTS.set(kind)
     try:
         yield
     finally:
-        _INT8.reset(token)
+        _PRODUCTS.reset(token)
 
 
-def int8_enabled(x: Tensor) -> bool:
-    """Whether products with `x` run in int8 here: inside `int8_products`, on the CPU, without autograd."""
-    return _INT8.get() and x.device.type == "cpu" and not torch.is_grad_enabled()
+def reduced_products(x: Tensor) -> str | None:
+    """The type products with `x` run in here (int8 | bf16), or None: fp32 (or autocast's choice).
+    Only inside `cpu_products`, on the CPU, without autograd."""
+    kind = _PRODUCTS.get()
+    return kind if kind is not None and x.device.type == "cpu" and not torch.is_grad_enabled() else None
 
 
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and state dict) whose product is `linear`'s, or in int8 inside
-    `int8_products` (the int8 weight made once and kept until the weight changes)."""
+    """nn.Linear (the same parameters and state dict) whose product is `linear`'s, or in int8 or bf16
+    inside `cpu_products` (that weight made once and kept until the weight changes)."""
 
-    _int8: tuple[tuple[int, int], Int8Weight] | None = None
+    _reduced: tuple[tuple, ReducedWeight] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if int8_enabled(x):
-            return int8_linear(x, cached_int8(self, self.weight), self.bias)
+        kind = reduced_products(x)
+        if kind is not None:
+            return reduced_linear(x, cached_reduced(self, self.weight, kind), self.bias)
         return linear(x, self.weight, self.bias)
 
 
-def cached_int8(owner: nn.Module, weight: Tensor) -> Int8Weight:
-    """`quantize_rows(weight)`, kept on `owner` until the weight is changed or replaced."""
-    version = (weight.data_ptr(), weight._version)
-    if owner._int8 is None or owner._int8[0] != version:
+def cached_reduced(owner: nn.Module, weight: Tensor, kind: str) -> ReducedWeight:
+    """`reduce(weight, kind)`, kept on `owner` until the weight is changed or replaced, or another kind is asked."""
+    version = (weight.data_ptr(), weight._version, kind)
+    if owner._reduced is None or owner._reduced[0] != version:
         with torch.no_grad():
-            owner._int8 = (version, quantize_rows(weight))
-    return owner._int8[1]
+            owner._reduced = (version, reduce(weight, kind))
+    return owner._reduced[1]
 
 
 class Rotary(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mt.model import PROJECTION_ALIGNMENT, DecoderState, Transformer, project
-from mt.ops import Int8Weight
+from mt.ops import ReducedWeight
 from mt.vocab import BOS, PAD
 
 
@@ -24,7 +24,7 @@ class NextPieces:
     def __init__(
         self,
         hidden: list[Tensor],
-        output_weights: list[Tensor | Int8Weight],
+        output_weights: list[Tensor | ReducedWeight],
         weights: list[float],
         vocab: int,
         candidates: Tensor | None = None,

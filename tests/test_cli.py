@@ -253,28 +253,22 @@ def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
         assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
 
 
-def test_bf16_decoding_computes_in_bf16_and_finds_the_same_outputs(trained):
-    from mt.translate import Translator
-
-    translator = Translator(trained / "run", device="cpu")
-    sources = translator.tokenizer.encode_src(["1 2 3", "5 4 3 2 1 0 9 8", "7 7 7"])
-    fp32, bf16 = (translator.translate_ids(sources, translator.options(beam=1, precision=p)) for p in ("fp32", "bf16"))
-    assert [h[0].tokens for h in bf16] == [h[0].tokens for h in fp32]
-    assert [h[0].score for h in bf16] != [h[0].score for h in fp32]  # other arithmetic, same confident choices
-
-
-def test_int8_decoding_finds_the_same_outputs_and_scores_them_as_search_does(trained):
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_reduced_precision_finds_the_same_outputs_and_scores_them_as_search_does(trained, precision):
     from mt.translate import Translator
 
     translator = Translator(trained / "run", device="cpu")
     lines = ["1 2 3", "5 4 3 2 1 0 9 8", "7 7 7"]
     sources = translator.tokenizer.encode_src(lines)
-    fp32, int8 = (translator.translate_ids(sources, translator.options(beam=5, precision=p)) for p in ("fp32", "int8"))
-    assert [h[0].tokens for h in int8] == [h[0].tokens for h in fp32]
-    assert [h[0].score for h in int8] != [h[0].score for h in fp32]  # int8 products, same confident choices
-    outputs = translator.tokenizer.decode_tgt([h[0].tokens for h in int8])
-    scored = translator.score(lines, outputs, translator.options(precision="int8"))
-    assert [s.normalised for s in scored] == pytest.approx([h[0].score for h in int8], abs=1e-4)
+    for beam in (1, 5):
+        fp32, reduced = (
+            translator.translate_ids(sources, translator.options(beam=beam, precision=p)) for p in ("fp32", precision)
+        )
+        assert [h[0].tokens for h in reduced] == [h[0].tokens for h in fp32]
+        assert [h[0].score for h in reduced] != [h[0].score for h in fp32]  # other products, same confident choices
+    outputs = translator.tokenizer.decode_tgt([h[0].tokens for h in reduced])
+    scored = translator.score(lines, outputs, translator.options(precision=precision))
+    assert [s.normalised for s in scored] == pytest.approx([h[0].score for h in reduced], abs=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,18 @@ def old_run(tmp_path):
 def test_a_0_1_0_run_directory_translates_byte_identically(old_run, args, expected):
     source = (old_run / "data" / "test.src").read_text()
     result = run_mt("translate", "run", *args, stdin=source, cwd=old_run)
-    assert result.stdout == (old_run / expected).read_text()
+    found, wanted = result.stdout.splitlines(), (old_run / expected).read_text().splitlines()
+    assert len(found) == len(wanted)
+    for line, old_line in zip(found, wanted):
+        if "\t" not in old_line:
+            assert line == old_line
+            continue
+        # n-best lines: index, score, text. The text is byte for byte the same; the score's last printed
+        # digit may differ by one, since CPUs round the same products differently (MKL's AVX2 and
+        # AVX-512 kernels read -0.8702 and -0.8701 for one hypothesis)
+        (index, score, text), (old_index, old_score, old_text) = line.split("\t"), old_line.split("\t")
+        assert (index, text) == (old_index, old_text)
+        assert float(score) == pytest.approx(float(old_score), abs=1.01e-4)
 
 
 def test_a_0_1_0_run_directory_resumes_and_keeps_its_history(old_run):

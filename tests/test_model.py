@@ -309,27 +309,40 @@ def test_onednn_row_buckets_cover_the_rows_with_little_waste():
         assert rows <= 256 or bucket <= rows * 1.125
 
 
-def test_int8_products_are_close_to_fp32_and_run_only_where_asked():
-    from mt.ops import Linear, int8_products
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.02), ("bf16", 0.01)])
+def test_cpu_products_are_close_to_fp32_and_run_only_where_asked(kind, tolerance):
+    from mt.ops import Linear, cpu_products
 
     torch.manual_seed(0)
     layer, x = Linear(64, 48), torch.randn(3, 7, 64)
-    x[0, 0] = 0  # a row of zeros: its scale must not divide by zero
+    x[0, 0] = 0  # a row of zeros: its int8 scale must not divide by zero
     with torch.no_grad():
         exact = F.linear(x, layer.weight, layer.bias)
-        with int8_products():
-            quantized = layer(x)
+        with cpu_products(kind):
+            reduced = layer(x)
         assert torch.equal(layer(x), linear_fp32(layer, x))  # outside the context: fp32 as before
-    assert quantized.shape == exact.shape and not torch.allclose(quantized, exact, atol=1e-5)
-    assert (quantized - exact).abs().max() < 0.02 * exact.abs().max()
-    assert torch.equal(quantized[0, 0], layer.bias.detach())
-    with int8_products():
+    assert reduced.shape == exact.shape and reduced.dtype == torch.float32
+    assert not torch.allclose(reduced, exact, atol=1e-5)
+    assert (reduced - exact).abs().max() < tolerance * exact.abs().max()
+    assert torch.equal(reduced[0, 0], layer.bias.detach())
+    with cpu_products(kind):
         assert layer(x).requires_grad  # with autograd: the fp32 product and its backward
         with torch.no_grad():
-            layer.weight.mul_(2)  # a changed weight is quantized again
+            layer.weight.mul_(2)  # a changed weight is converted again
             doubled = F.linear(x, layer.weight, layer.bias)
-            assert (layer(x) - doubled).abs().max() < 0.02 * doubled.abs().max()
+            assert (layer(x) - doubled).abs().max() < tolerance * doubled.abs().max()
+    other = "bf16" if kind == "int8" else "int8"
+    with torch.no_grad(), cpu_products(other):  # the other kind: its own weight, not the cached one
+        assert (layer(x) - doubled).abs().max() < 0.02 * doubled.abs().max()
     assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_cpu_products_know_only_int8_and_bf16():
+    from mt.ops import cpu_products
+
+    with pytest.raises(ValueError, match="'fp16' is not one of"):
+        with cpu_products("fp16"):
+            pass
 
 
 def linear_fp32(layer, x):
@@ -338,25 +351,50 @@ def linear_fp32(layer, x):
     return linear(x, layer.weight, layer.bias)
 
 
-def test_an_int8_shortlist_projection_gives_the_full_projections_columns():
-    from mt.model import PROJECTION_ALIGNMENT, int8_projection, project
-    from mt.ops import int8_linear, quantize_rows
+def test_a_reduced_shortlist_projection_gives_the_full_projections_columns():
+    from mt.model import PROJECTION_ALIGNMENT, project, reduced_projection
+    from mt.ops import Bf16Weight, bf16_linear, int8_linear, quantize_rows, reduce
 
     weight, hidden = torch.randn(50, 32), torch.randn(9, 32)
     full = quantize_rows(weight)
     assert full.values.dtype == torch.int8 and full.values.abs().max() == 127
     assert torch.allclose(full.values * full.scales[:, None], weight, atol=full.scales.max().item() / 2 + 1e-6)
     columns = torch.tensor([0, 3, 17, 49])
-    chosen = int8_projection(full, columns)
+    chosen = reduced_projection(full, columns)
     assert len(chosen.values) == PROJECTION_ALIGNMENT and not chosen.values[4:].any()
     logits = project(hidden, chosen)
     assert torch.equal(logits[:, :4], int8_linear(hidden, full)[:, columns])  # integer sums: exactly
     assert not logits[:, 4:].any()
 
+    in_bf16 = reduce(weight, "bf16")
+    assert isinstance(in_bf16, Bf16Weight) and in_bf16.values.dtype == torch.bfloat16
+    chosen = reduced_projection(in_bf16, columns)
+    assert isinstance(chosen, Bf16Weight) and len(chosen.values) == PROJECTION_ALIGNMENT
+    logits = project(hidden, chosen)
+    assert logits.dtype == torch.float32 and not logits[:, 4:].any()
+    assert torch.allclose(logits[:, :4], bf16_linear(hidden, in_bf16)[:, columns], atol=1e-5)
+    assert torch.allclose(logits[:, :4], hidden @ weight[columns].t(), atol=0.05)
+    assert len(reduced_projection(in_bf16).values) == 64  # the whole layer, padded to the alignment
+
 
 def test_int8_precision_is_for_the_cpu_only():
-    from mt.device import autocast
+    from mt.device import decoding_precision
     from mt.errors import MTError
 
     with pytest.raises(MTError, match="int8 products run on the CPU only"):
-        autocast(torch.device("cuda"), "int8")
+        decoding_precision(torch.device("cuda"), "int8")
+
+
+def test_cpu_decoding_in_bf16_multiplies_in_bf16_and_keeps_the_rest_in_fp32():
+    from mt.device import decoding_precision
+
+    model = tiny_model(position="rope").eval()
+    src, tgt_in = torch.tensor([[5, 6, 7, EOS]] * 2), torch.tensor([[BOS, 7, 6, 5]] * 2)
+    with torch.inference_mode():
+        exact = model.logits(model(src, tgt_in))
+        with decoding_precision(torch.device("cpu"), "bf16"):
+            assert not torch.is_autocast_enabled("cpu")  # no autocast: activations stay fp32
+            hidden = model(src, tgt_in)
+            logits = model.logits(hidden)
+    assert hidden.dtype == logits.dtype == torch.float32
+    assert not torch.equal(logits, exact) and torch.allclose(logits, exact, atol=0.05 * exact.abs().max().item())
