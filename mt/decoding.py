@@ -16,7 +16,15 @@ import torch
 
 from mt.batching import make_batches, pad
 from mt.config import Config, DecodeConfig, load_config
-from mt.device import PRECISIONS, check_precision, cpu_workers, decoding_precision, map_in_workers, pick_device
+from mt.device import (
+    PRECISIONS,
+    check_precision,
+    cpu_workers,
+    decoding_precision,
+    map_in_workers,
+    pick_device,
+    slow_precision,
+)
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
 from mt.run_dir import RunDir, load_weights
@@ -123,6 +131,7 @@ class TorchEngine:
         members = model if isinstance(model, list) else [model]
         self.models, self.device = Models([m.eval() for m in members], weights), device
         self.shortlist = shortlist
+        self._warned: set[str] = set()  # precisions already warned to run slowly on this CPU
         self.model = members[0]
         self.max_source = self.models.max_positions - 1
         self.vocab_size = self.model.output_weight.size(0)
@@ -135,6 +144,10 @@ class TorchEngine:
         if options.shortlist and self.shortlist is None:
             raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
         check_precision(self.device, options.precision)
+        slow = slow_precision(self.device, options.precision)
+        if slow and options.precision not in self._warned:
+            log.warning(slow)
+            self._warned.add(options.precision)
 
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None

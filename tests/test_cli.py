@@ -1,6 +1,7 @@
 """System tests through the real command line: a tiny model learns to reverse digit strings."""
 
 import json
+import logging
 import os
 import pickle
 import select
@@ -251,6 +252,21 @@ def test_cached_and_uncached_decoding_agree_on_the_trained_model(trained):
         cached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=True))
         uncached = translator.translate_ids(sources, translator.options(beam=beam, nbest=beam, use_cache=False))
         assert [[h.tokens for h in hyps] for hyps in cached] == [[h.tokens for h in hyps] for hyps in uncached]
+
+
+def test_a_precision_this_cpu_has_no_instructions_for_is_warned_once(trained, monkeypatch, caplog):
+    import mt.device
+    from mt.translate import Translator
+
+    monkeypatch.setattr(mt.device, "cpu_multiplies_bf16", lambda: False)
+    monkeypatch.setattr(mt.device, "cpu_multiplies_int8", lambda: True)
+    translator = Translator(trained / "run", device="cpu")
+    sources = translator.tokenizer.encode_src(["1 2 3"])
+    with caplog.at_level(logging.WARNING):
+        for precision in ("bf16", "int8", "bf16", "fp32"):
+            translator.translate_ids(sources, translator.options(precision=precision))
+    warned = [record.getMessage() for record in caplog.records if "precision" in record.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("precision bf16: this CPU has no bf16 matrix instructions")
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
