@@ -27,6 +27,7 @@ from mt.device import (
 )
 from mt.errors import CheckpointError, MTError
 from mt.model import Transformer, build_model, cross_attention_weights
+from mt.ops import forget_reduced
 from mt.run_dir import RunDir, load_weights
 from mt.search import STOPPING_RULES, Hypothesis, search
 from mt.shortlist import Shortlist
@@ -129,6 +130,8 @@ class TorchEngine:
         shortlist: Shortlist | None = None,
     ):
         members = model if isinstance(model, list) else [model]
+        for member in members:  # int8/bf16 weights are made from the weights as they are now (validation in training)
+            forget_reduced(member)
         self.models, self.device = Models([m.eval() for m in members], weights), device
         self.shortlist = shortlist
         self._warned: set[str] = set()  # precisions already warned to run slowly on this CPU

@@ -135,9 +135,11 @@ ReducedWeight = Int8Weight | Bf16Weight
 
 
 def bf16_linear(x: Tensor, weight: Bf16Weight, bias: Tensor | None = None) -> Tensor:
-    """~F.linear(x, weight) in fp32 with the product in bf16: x rounded to bf16, the product back in fp32."""
-    out = F.linear(x.to(torch.bfloat16), weight.values).float()
-    return out if bias is None else out.add_(bias)
+    """~F.linear(x, weight, bias) in fp32 with the product in bf16: x and bias rounded to bf16, the result
+    back in fp32. The bias goes into the product, which adds it to fp32 sums before rounding them (1.15-1.4x
+    faster than adding it to the fp32 result, one thread on a Xeon with AMX)."""
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    return F.linear(x.to(torch.bfloat16), weight.values, bias).float()
 
 
 def reduced_linear(x: Tensor, weight: ReducedWeight, bias: Tensor | None = None) -> Tensor:
@@ -193,12 +195,21 @@ class Linear(nn.Linear):
 
 
 def cached_reduced(owner: nn.Module, weight: Tensor, kind: str) -> ReducedWeight:
-    """`reduce(weight, kind)`, kept on `owner` until the weight is changed or replaced, or another kind is asked."""
+    """`reduce(weight, kind)`, kept on `owner` until the weight is replaced or changed by a tensor
+    operation, or another kind is asked. Not all in-place updates show: the fused AdamW bumps no
+    version counter, so whatever decodes a model in training calls `forget_reduced` first."""
     version = (weight.data_ptr(), weight._version, kind)
     if owner._reduced is None or owner._reduced[0] != version:
         with torch.no_grad():
             owner._reduced = (version, reduce(weight, kind))
     return owner._reduced[1]
+
+
+def forget_reduced(model: nn.Module) -> None:
+    """Drop the int8/bf16 weights `cached_reduced` keeps in `model`, so that they are made afresh."""
+    for module in model.modules():
+        if getattr(module, "_reduced", None) is not None:
+            module._reduced = None
 
 
 class Rotary(nn.Module):
