@@ -117,11 +117,12 @@ class DecodeConfig:
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
     checkpoint: str = BEST  # the weights `mt translate`/`mt eval` use (`mt tune` may pick averaged.pt)
     # the output layer over the run's lexical shortlist (RUN_DIR/shortlist.npz) only: faster, valid
-    # BLEU -0.18..+0.13 over 10 Multi30k directions, -0.43 and -0.10 on en-de (README); off unless a config
+    # BLEU -0.20..+0.13 over 17 Multi30k directions, -0.43 and -0.10 on en-de (README); off unless a config
     # (the de-en and multilingual presets) sets it, so earlier run directories translate as before
     shortlist: bool = False
-    # auto: bf16 on CUDA, fp32 elsewhere; int8 (the CPU only): the matrix products in int8, 1.75x fp32's
-    # beam 5 on AMD Zen 4 (AVX-512 VNNI), valid BLEU within 0.2 (README)
+    # auto: bf16 on CUDA, fp32 elsewhere; on the CPU bf16 and int8 (the CPU only) multiply in that type and
+    # keep the rest in fp32: int8 1.75x fp32's beam 5 on AMD Zen 4 (AVX-512 VNNI), bf16 1.2x on Intel with
+    # AMX, valid BLEU within 0.2 (README)
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     # when a beam-search sentence stops: once no open hypothesis can still beat its K-th finished one
     # (exact), would beat it by ending at the next step (heuristic: Hugging Face's rule), or once K

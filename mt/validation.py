@@ -22,7 +22,7 @@ from mt.vocab import PAD
 
 def validation_options(config: Config, precision: str) -> DecodeOptions:
     """The model's decoding defaults, with the validation beam, in the training's `precision` (so BLEU
-    and loss are measured in the same arithmetic)."""
+    and loss are measured in the same number type; on the CPU decoding's own bf16, `decoding_precision`)."""
     options = DecodeOptions.from_config(config.decode, beam=config.train.valid_beam, nbest=1)
     return replace(options, precision=precision, shortlist=False)  # the whole output layer: exact scores
 
