@@ -222,8 +222,9 @@ WORKERS_OPTION = typer.Option(
 )
 PRECISION_OPTION = typer.Option(
     None,
-    help="Autocast arithmetic of run directories: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 (fast on "
-    "CPUs with bf16 matrix instructions), fp16, int8 (the CPU's matrix products in int8; default: decode.precision).",
+    help="Arithmetic of run directories: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 (fast on CPUs with "
+    "bf16 matrix instructions), fp16, int8 (the CPU's matrix products in int8), fastest (bf16 on CPUs with AMX, "
+    "int8 with AVX-512 VNNI, else fp32; auto on a GPU). Default: decode.precision.",
 )
 
 

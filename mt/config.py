@@ -122,8 +122,10 @@ class DecodeConfig:
     shortlist: bool = False
     # auto: bf16 on CUDA, fp32 elsewhere; on the CPU bf16 and int8 (the CPU only) multiply in that type and
     # keep the rest in fp32: int8 1.75x fp32's beam 5 on AMD Zen 4 (AVX-512 VNNI), bf16 1.2x on Intel with
-    # AMX, valid BLEU within 0.2 (README)
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    # AMX, valid BLEU within 0.2 (README); fastest: the faster of these for the CPU at hand (bf16 with
+    # AMX, int8 with VNNI, else fp32; auto on a GPU). The default stays auto: earlier run directories
+    # translate as before
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "fastest"] = "auto"
     # when a beam-search sentence stops: once no open hypothesis can still beat its K-th finished one
     # (exact), would beat it by ending at the next step (heuristic: Hugging Face's rule), or once K
     # hypotheses have finished (k_finished: fairseq's and CTranslate2's rule); see mt/search.py.

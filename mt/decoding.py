@@ -23,6 +23,7 @@ from mt.device import (
     decoding_precision,
     map_in_workers,
     pick_device,
+    resolve_precision,
     slow_precision,
 )
 from mt.errors import CheckpointError, MTError
@@ -50,7 +51,7 @@ class DecodeOptions:
     no_repeat_ngram: int = 0  # > 0: no hypothesis repeats an n-gram of this size
     use_cache: bool = True  # False: the uncached reference decoder (tests, benchmarks)
     max_tokens: int = 6144  # source pieces x beam size per batch, padding included
-    precision: str = "auto"  # the PyTorch engine's (auto | fp32 | bf16 | fp16 | int8: mt.device.decoding_precision)
+    precision: str = "auto"  # the PyTorch engine's (auto | fp32 | bf16 | fp16 | int8 | fastest: mt.device)
     # sampling: each next piece drawn at random (beam ignored; nbest independent samples per sentence)
     sampling: bool = False
     temperature: float = 1.0  # < 1 sharpens the distribution, > 1 flattens it
@@ -146,11 +147,12 @@ class TorchEngine:
     def check(self, options: DecodeOptions) -> None:
         if options.shortlist and self.shortlist is None:
             raise MTError("decode.shortlist: this model has no shortlist (build one: mt shortlist RUN_DIR)")
-        check_precision(self.device, options.precision)
-        slow = slow_precision(self.device, options.precision)
-        if slow and options.precision not in self._warned:
+        precision = resolve_precision(self.device, options.precision)
+        check_precision(self.device, precision)
+        slow = slow_precision(self.device, precision)
+        if slow and precision not in self._warned:
             log.warning(slow)
-            self._warned.add(options.precision)
+            self._warned.add(precision)
 
     def search(
         self, sources: list[list[int]], options: DecodeOptions, prefixes: list[list[int]] | None = None

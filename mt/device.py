@@ -15,7 +15,7 @@ from mt.errors import MTError
 from mt.ops import CPU_PRODUCTS, cpu_products
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # int8: decoding on the CPU only
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "fastest")  # int8, fastest: decoding only
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -42,6 +42,28 @@ def cpu_multiplies_int8() -> bool:
     the CPU limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2` on a Xeon with AMX), against 1.75x on AMD Zen 4."""
     checks = ("_is_vnni_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def fastest_precision(device: torch.device) -> str:
+    """Decoding's `fastest` on `device`: what decoded beam 5 fastest on its kind of CPU, at fp32's BLEU
+    (validation within 0.2; README): bf16 with AMX (1.21x fp32 on a Xeon, int8 1.02x), int8 with
+    AVX-512 VNNI but no AMX (1.75x on AMD Zen 4, bf16 1.47x), fp32 elsewhere (AVX2: int8 1.03x,
+    bf16 0.23x). On a GPU, `auto`'s choice."""
+    if device.type != "cpu":
+        return "auto"
+    if cpu_has_amx():
+        return "bf16"
+    return "int8" if cpu_multiplies_int8() else "fp32"
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """`precision` with `fastest` made concrete for `device`."""
+    return fastest_precision(device) if precision == "fastest" else precision
 
 
 def slow_precision(device: torch.device, precision: str) -> str | None:
@@ -97,6 +119,7 @@ def decoding_precision(device: torch.device, precision: str = "auto") -> context
     products in that type with weights converted once, everything else in fp32 (`mt.ops.cpu_products`):
     bf16 beam search ran 1.16-1.19x faster this way than under autocast, which casts every weight at every product
     and leaves activations in bf16 to be cast back (a Xeon with AMX, 2 cores). Elsewhere `autocast`."""
+    precision = resolve_precision(device, precision)
     check_precision(device, precision)
     if device.type == "cpu" and precision in CPU_PRODUCTS:
         return cpu_products(precision)

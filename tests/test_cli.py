@@ -269,6 +269,19 @@ def test_a_precision_this_cpu_has_no_instructions_for_is_warned_once(trained, mo
     assert len(warned) == 1 and warned[0].startswith("precision bf16: this CPU has no bf16 matrix instructions")
 
 
+def test_fastest_decodes_as_the_precision_it_stands_for_here(trained):
+    from mt.device import fastest_precision
+    from mt.translate import Translator
+
+    translator = Translator(trained / "run", device="cpu", precision="fastest")  # `mt serve --precision fastest`
+    sources = translator.tokenizer.encode_src(["1 2 3", "5 4 3 2 1 0 9 8"])
+    fastest = translator.translate_ids(sources, translator.options(beam=5))
+    resolved = translator.translate_ids(
+        sources, translator.options(beam=5, precision=fastest_precision(translator.device))
+    )
+    assert [(h[0].tokens, h[0].score) for h in fastest] == [(h[0].tokens, h[0].score) for h in resolved]
+
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_reduced_precision_finds_the_same_outputs_and_scores_them_as_search_does(trained, precision):
     from mt.translate import Translator

@@ -30,6 +30,12 @@ def test_defaults_and_overrides(tmp_path):
         ("model:\n  heads: four\n", [], "model.heads: expected int, got 'four'"),
         ("model:\n  norm: middle\n", [], "model.norm: expected one of 'pre' | 'post', got 'middle'"),
         ("", ["train.precision=int8"], "train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got"),
+        ("", ["train.precision=fastest"], "train.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got"),
+        (
+            "",
+            ["decode.precision=fast"],
+            "decode.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16' | 'int8' | 'fastest'",
+        ),
         ("model:\n  d_model: 30\n  heads: 4\n", [], "model.d_model must be divisible by model.heads"),
         ("", ["train.lr"], "--set train.lr: expected section.key=value"),
         ("", ["train.max_time=soon"], "cannot read duration 'soon'"),

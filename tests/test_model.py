@@ -386,6 +386,23 @@ def test_int8_precision_is_for_the_cpu_only():
         decoding_precision(torch.device("cuda"), "int8")
 
 
+@pytest.mark.parametrize("amx, vnni, expected", [(True, True, "bf16"), (False, True, "int8"), (False, False, "fp32")])
+def test_fastest_precision_follows_the_cpus_instructions(monkeypatch, amx, vnni, expected):
+    import mt.device
+    from mt.device import decoding_precision, resolve_precision, slow_precision
+    from mt.ops import reduced_products
+
+    monkeypatch.setattr(mt.device, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(mt.device, "cpu_multiplies_int8", lambda: vnni)
+    monkeypatch.setattr(mt.device, "cpu_multiplies_bf16", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fastest") == expected
+    assert resolve_precision(cpu, "int8") == "int8" and resolve_precision(torch.device("cuda"), "fastest") == "auto"
+    assert slow_precision(cpu, resolve_precision(cpu, "fastest")) is None  # never a precision the CPU lacks
+    with torch.no_grad(), decoding_precision(cpu, "fastest"):
+        assert reduced_products(torch.zeros(1)) == (None if expected == "fp32" else expected)
+
+
 def test_cpu_decoding_in_bf16_multiplies_in_bf16_and_keeps_the_rest_in_fp32():
     from mt.device import decoding_precision
 
