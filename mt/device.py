@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,24 +30,28 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
+def _cpu_has(*probes: str) -> bool:
+    """Whether any of torch.cpu's (private) instruction probes answers yes; a torch without one says no."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX). Without them oneDNN
     emulates bf16 products, no faster than fp32 ones."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's (private) probes
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def cpu_multiplies_int8() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AMX). Without them oneDNN's
     int8 products run on 16-bit multiply-adds: int8 beam search then ran at fp32's speed (1.03x) with
     the CPU limited to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2` on a Xeon with AMX), against 1.75x on AMD Zen 4."""
-    checks = ("_is_vnni_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return _cpu_has("_is_vnni_supported", "_is_amx_tile_supported")
 
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids)."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return _cpu_has("_is_amx_tile_supported")
 
 
 def fastest_precision(device: torch.device) -> str:

@@ -432,13 +432,14 @@ def projection_columns(weight: Tensor, columns: Tensor | None = None) -> Tensor:
 def reduced_projection(weight: ReducedWeight, columns: Tensor | None = None) -> ReducedWeight:
     """`projection_columns` of an int8 or bf16 output projection (V, D): its rows `columns` if given, zero
     rows appended up to a multiple of PROJECTION_ALIGNMENT; kept as rows, which `reduced_linear` multiplies by."""
-    missing = -(len(weight.values) if columns is None else len(columns)) % PROJECTION_ALIGNMENT
-    if isinstance(weight, Bf16Weight):
-        values = weight.values if columns is None else weight.values[columns]
-        return Bf16Weight(torch.cat([values, values.new_zeros(missing, values.size(1))]) if missing else values)
-    values, scales = weight if columns is None else (weight.values[columns], weight.scales[columns])
+    values = weight.values if columns is None else weight.values[columns]
+    missing = -len(values) % PROJECTION_ALIGNMENT
     if missing:
         values = torch.cat([values, values.new_zeros(missing, values.size(1))])
+    if isinstance(weight, Bf16Weight):
+        return Bf16Weight(values)
+    scales = weight.scales if columns is None else weight.scales[columns]
+    if missing:  # scale 1 for the zero rows: their products stay 0
         scales = torch.cat([scales, scales.new_ones(missing)])
     return Int8Weight(values, scales)
 
