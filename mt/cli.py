@@ -276,15 +276,9 @@ def translate(
     mt translate runs/multi30k_multilingual --tgt-lang fr < input.de   (a multilingual model: output in French);
     mt translate runs/multi30k_multilingual --src-lang de --tgt-lang fr --pivot en < input.de   (through English)
     """
-    from mt.alignment import format_alignment
     from mt.translate import Translator, check_languages, pivot_chunks, read_chunks, split_tabs, with_prefix_file
 
-    if tsv and prefix_file is not None:
-        raise MTError("give --tsv or --prefix-file, not both")
-    if pivot is None and pivot_model is not None:
-        raise MTError("--pivot-model needs --pivot LANG (the language between the two models)")
-    if pivot is not None and (tsv or prefix_file is not None or alignment):
-        raise MTError("--pivot translates twice: it cannot take target prefixes or print alignments")
+    _check_translate_inputs(tsv, prefix_file, pivot, pivot_model, alignment)
     translator = Translator(run_dirs, checkpoint, device, engine, weight or None)
     second = translator if pivot_model is None or pivot is None else Translator(pivot_model, None, device, engine)
     check_languages(translator, second, src_lang, tgt_lang, pivot)
@@ -317,6 +311,24 @@ def translate(
         results = pivot_chunks(translator, second, chunks, first, options)
     else:
         results = translator.translate_chunks(chunks, options, layer)
+    _print_translations(results, nbest, bar)
+
+
+def _check_translate_inputs(
+    tsv: bool, prefix_file: Path | None, pivot: str | None, pivot_model: Path | None, alignment: bool
+) -> None:
+    if tsv and prefix_file is not None:
+        raise MTError("give --tsv or --prefix-file, not both")
+    if pivot is None and pivot_model is not None:
+        raise MTError("--pivot-model needs --pivot LANG (the language between the two models)")
+    if pivot is not None and (tsv or prefix_file is not None or alignment):
+        raise MTError("--pivot translates twice: it cannot take target prefixes or print alignments")
+
+
+def _print_translations(results, nbest: int, bar) -> None:
+    """One line per translation on stdout (`index<TAB>score<TAB>text` with --nbest), flushed per input line."""
+    from mt.alignment import format_alignment
+
     for index, translations in enumerate(results):
         for t in translations:
             text = t.text if t.alignment is None else f"{t.text} ||| {format_alignment(t.alignment)}"
